@@ -1,0 +1,1 @@
+"""Data preparation: DICOM/NIfTI I/O, HU window, lung mask, tone map, enhancement, datalists."""

@@ -1,0 +1,204 @@
+"""MONAI-style datalists for the data sets in ``../shared/data``, with deterministic k-fold splits.
+
+Each builder returns a list of dicts (``image``, the label key(s), ``fold``); :func:`write_datalist` stores them as a
+MONAI datalist JSON (``{"training": [...], "numFolds": k}``), readable by ``monai.data.load_decathlon_datalist``.
+
+Grouping, so that slices of one patient stay in one fold where the data say which patient a slice is from:
+
+- ``ct_dicom``: one series = one patient, each series is its own group.
+- ``ct_lesion_slices`` (MedSeg/COVID-SemiSeg): no patient ids are published, but the numeric ids were assigned
+  patient by patient, so folds are *contiguous blocks of sorted ids*, which keeps neighbouring slices (likely the
+  same patient) together instead of scattering them over folds.
+- ``cxr_infection`` and ``ct_slices_cls``: no patient ids exist; folds are stratified by class and assigned in a
+  fixed order. Slices of one patient may therefore fall into different folds (stated in the bundle docs).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ct_lesion_datalist",
+    "cxr_infection_datalist",
+    "ct_slices_cls_datalist",
+    "ct_dicom_datalist",
+    "split_by_fold",
+    "write_datalist",
+    "make_datalist",
+]
+
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _stable_order(paths: Sequence[Path]) -> list[Path]:
+    """An order that depends only on file names (not on the file system), shuffled by a fixed hash."""
+    return sorted(paths, key=lambda p: hashlib.sha1(p.name.encode()).hexdigest())
+
+
+def _images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_EXT), key=lambda p: _natural_key(p.name))
+
+
+def _contiguous_folds(n: int, n_folds: int) -> list[int]:
+    """Fold of each of ``n`` sorted items when cut into ``n_folds`` contiguous blocks of near-equal size."""
+    return [min(i * n_folds // n, n_folds - 1) for i in range(n)]
+
+
+def ct_lesion_datalist(data_dir: str | os.PathLike, n_folds: int = 5) -> list[dict[str, Any]]:
+    """CT lesion slices (``ct_lesion_slices/train``): image jpg, binary mask png (0/255), multiclass mask png."""
+    root = Path(data_dir) / "ct_lesion_slices" / "train"
+    images = _images(root / "images")
+    folds = _contiguous_folds(len(images), n_folds)
+    items = []
+    for img, fold in zip(images, folds):
+        label = root / "masks" / f"{img.stem}.png"
+        if not label.is_file():
+            raise FileNotFoundError(f"{label}: mask missing for {img.name}")
+        items.append(
+            {
+                "image": str(img),
+                "label": str(label),
+                "label_multiclass": str(root / "masks_multiclass" / f"{img.stem}.png"),
+                "fold": fold,
+                "group": f"block{fold}",
+            }
+        )
+    return items
+
+
+def _stratified(items_by_class: dict[Any, list[dict[str, Any]]], n_folds: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for _, items in sorted(items_by_class.items(), key=lambda kv: str(kv[0])):
+        ordered = sorted(items, key=lambda d: hashlib.sha1(Path(d["image"]).name.encode()).hexdigest())
+        for i, d in enumerate(ordered):
+            d["fold"] = i % n_folds
+            out.append(d)
+    return sorted(out, key=lambda d: (d["fold"], d["image"]))
+
+
+def cxr_infection_datalist(data_dir: str | os.PathLike, n_folds: int = 5) -> list[dict[str, Any]]:
+    """Chest X-rays (``cxr_infection/train``): image, infection mask, lung mask, class name, ``covid`` 0/1."""
+    root = Path(data_dir) / "cxr_infection" / "train"
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for cls in ("covid", "non_covid", "normal"):
+        for img in _images(root / cls / "images"):
+            by_class.setdefault(cls, []).append(
+                {
+                    "image": str(img),
+                    "label": str(root / cls / "infection_masks" / img.name),
+                    "lung": str(root / cls / "lung_masks" / img.name),
+                    "class_name": cls,
+                    "covid": int(cls == "covid"),
+                }
+            )
+    return _stratified(by_class, n_folds)
+
+
+def ct_slices_cls_datalist(data_dir: str | os.PathLike, n_folds: int = 5) -> list[dict[str, Any]]:
+    """CT slice classification (``ct_slices_cls``): image png and ``label`` 1 = COVID, 0 = non-COVID."""
+    root = Path(data_dir) / "ct_slices_cls"
+    by_class = {
+        label: [{"image": str(p), "label": label} for p in _images(root / name)]
+        for name, label in (("covid", 1), ("non_covid", 0))
+    }
+    return _stratified(by_class, n_folds)
+
+
+def ct_dicom_datalist(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """DICOM CT series (``ct_dicom``): series folder, volume label, per-slice labels keyed by InstanceNumber.
+
+    Each series is its own patient group and fold (``fold`` = index of the series).
+    """
+    root = Path(data_dir) / "ct_dicom"
+    with open(root / "volume_labels.csv", newline="") as f:
+        volume_labels = {r["series_id"]: r["label"] for r in csv.DictReader(f)}
+    slice_labels: dict[str, dict[int, int]] = {}
+    with open(root / "slice_labels.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            slice_labels.setdefault(r["series_id"], {})[int(r["instance_number"])] = int(r["infection"])
+    items = []
+    for fold, (series_id, label) in enumerate(sorted(volume_labels.items())):
+        items.append(
+            {
+                "image": str(root / series_id),
+                "series_id": series_id,
+                "label_name": label,
+                "label": int(label == "COVID-19"),
+                "slice_labels": slice_labels.get(series_id, {}),
+                "fold": fold,
+                "group": series_id,
+            }
+        )
+    return items
+
+
+def split_by_fold(items: Sequence[dict[str, Any]], fold: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training items, validation items) for cross-validation fold ``fold``."""
+    folds = {d["fold"] for d in items}
+    if fold not in folds:
+        raise ValueError(f"fold {fold} not in {sorted(folds)}")
+    return [d for d in items if d["fold"] != fold], [d for d in items if d["fold"] == fold]
+
+
+_BUILDERS = {
+    "ct_lesion_slices": ct_lesion_datalist,
+    "cxr_infection": cxr_infection_datalist,
+    "ct_slices_cls": ct_slices_cls_datalist,
+}
+
+
+def make_datalist(name: str, data_dir: str | os.PathLike, fold: int | None = None, n_folds: int = 5, part: str = "train"):
+    """Config-friendly entry point: the items of data set ``name``, or one part of fold ``fold``.
+
+    ``part`` is ``"train"``, ``"val"`` or ``"all"``; with ``fold=None`` all items are returned.
+    """
+    if name == "ct_dicom":
+        items = ct_dicom_datalist(data_dir)
+    elif name in _BUILDERS:
+        items = _BUILDERS[name](data_dir, n_folds=n_folds)
+    else:
+        raise ValueError(f"unknown data set {name!r}; choose from {sorted([*_BUILDERS, 'ct_dicom'])}")
+    if fold is None or part == "all":
+        return items
+    train, val = split_by_fold(items, fold)
+    return {"train": train, "val": val}[part]
+
+
+def write_datalist(items: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write a MONAI datalist JSON (``training`` list with ``fold`` keys) atomically."""
+    from monai_covid.io_utils import atomic_write_json
+
+    n_folds = len({d["fold"] for d in items})
+    return atomic_write_json(path, {"numFolds": n_folds, "training": list(items)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.datalists", description="Write a MONAI datalist JSON.")
+    p.add_argument("name", choices=sorted([*_BUILDERS, "ct_dicom"]))
+    p.add_argument("data_dir", help="folder holding the shared data sets (e.g. ../shared/data)")
+    p.add_argument("output", help="datalist JSON to write")
+    p.add_argument("--folds", type=int, default=5)
+    a = p.parse_args(argv)
+    items = make_datalist(a.name, a.data_dir, n_folds=a.folds)
+    write_datalist(items, a.output)
+    print(f"{a.output}: {len(items)} items, {len({d['fold'] for d in items})} folds")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

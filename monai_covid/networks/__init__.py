@@ -1,0 +1,1 @@
+"""Networks of the five seed papers, one file each."""
