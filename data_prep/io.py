@@ -332,9 +332,24 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     if min(image.GetSize()) < 1 or min(image.GetSize()[:2]) < 16:
         raise InputError(path, f"image size {image.GetSize()} is too small for a CT volume")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    if not np.isfinite(array).all():
-        raise InputError(path, f"{int((~np.isfinite(array)).sum())} voxels are NaN or infinite")
+    _check_nifti_finite(path)
     return Volume(array=array, image=image, source=str(path), kind="nifti")
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """Reject NaN/inf voxels. ITK's NIfTI reader silently turns NaN into 0, so the raw data are checked."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:  # ITK read it; nibabel's stricter header checks are not ours to enforce
+        return
+    if np.dtype(img.get_data_dtype()).kind != "f":
+        return
+    data = np.asanyarray(img.dataobj)
+    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise InputError(path, f"{n_bad} voxels are NaN or infinite")
 
 
 def read_volume(path: str | os.PathLike | DicomSeries) -> Volume:

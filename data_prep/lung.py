@@ -100,6 +100,7 @@ def lung_mask(
     dilation_mm: float = 2.0,
     min_lung_ratio: float = 0.2,
     min_lung_ml: float = 20.0,
+    min_lung_cm2: float = 2.0,
 ) -> np.ndarray:
     """Lung mask of a CT in HU.
 
@@ -115,7 +116,8 @@ def lung_mask(
             wall"); 0 disables it.
         min_lung_ratio: the second-largest component is kept as the other lung only when it is at least this
             fraction of the largest (so stomach or bowel gas is not taken for a lung).
-        min_lung_ml: components smaller than this (mL; mm^2 x 1 mm for a slice) are never taken as lung.
+        min_lung_ml: components smaller than this (mL) are never taken as lung (volumes).
+        min_lung_cm2: the same for a single 2D slice, as an area.
 
     Returns:
         bool array, same shape as ``hu``.
@@ -136,7 +138,8 @@ def lung_mask(
     smooth = ndi.uniform_filter(vol.astype(np.float32), size=(1, 3, 3))
     binary = smooth < threshold
     binary = _remove_border_air(binary)
-    binary = _largest_components(binary, min_lung_ratio, max(1, int(min_lung_ml / voxel_ml)))
+    min_voxels = min_lung_cm2 * 100.0 / (sy * sx) if squeeze else min_lung_ml / voxel_ml
+    binary = _largest_components(binary, min_lung_ratio, max(1, int(min_voxels)))
     out = np.zeros_like(binary)
     radius = int(round(dilation_mm / min(sy, sx))) if dilation_mm > 0 else 0
     selem = disk(radius) if radius > 0 else None

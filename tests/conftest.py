@@ -29,3 +29,25 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def p001_volume(shared_data):
+    """The real COVID series P001 (148 slices), decoded once per test session."""
+    from data_prep.io import read_volume
+
+    return read_volume(shared_data / "ct_dicom" / "P001")
+
+
+@pytest.fixture(scope="session")
+def p001_lung(p001_volume):
+    """Lung mask of P001, computed once per test session."""
+    from data_prep.lung import lung_mask
+
+    return lung_mask(p001_volume.array, p001_volume.spacing)
+
+
+@pytest.fixture(scope="session")
+def sample_series(repo_root):
+    """The 30-slice real sample shipped in the repo (samples/ct_dicom/P001_slices60-89)."""
+    return repo_root / "samples" / "ct_dicom" / "P001_slices60-89"
