@@ -1,0 +1,498 @@
+"""``monai-covid infer``: batch inference over a folder of CT/CXR studies.
+
+For each CT case the volume is decoded once and the lung mask computed once; the lesion model (A-SegNet by
+default, Co-supervision ResUnet with ``--models cosup``) and the volume COVID detector (ResNeXt+) share them.
+Every case is isolated: a broken case is reported with ``status=failed`` and a one-line error, and the batch goes
+on. Outputs go to ``OUTPUT/<case_id>/`` and are written atomically, ``result.json`` last, so a case whose
+``result.json`` says ``complete`` is skipped on a rerun (unless ``--overwrite``). Nothing is written inside INPUT.
+
+Scale-out: under ``torchrun --nproc_per_node N -m monai_covid.cli infer ...`` each rank takes every N-th case and
+rank 0 writes the merged report.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.io import Case, InputError, find_cases, read_volume, safe_name, write_like
+from monai_covid.io_utils import atomic_save_png, atomic_save_with, atomic_write_csv, atomic_write_json, atomic_write_text
+
+__all__ = ["run_batch", "ModelSet", "process_ct_case", "REPORT_COLUMNS", "BUNDLES", "bundles_dir", "overlay_montage"]
+
+REPORT_COLUMNS = [
+    "case_id", "source", "modality", "status", "error", "covid_probability", "lung_volume_ml", "lesion_volume_ml",
+    "lesion_percent_of_lung", "n_slices", "seconds", "models",
+]
+RESULT_VERSION = 1
+
+#: model name -> (bundle folder, role)
+BUNDLES = {
+    "asegnet": ("covid_ct_lesion_asegnet", "lesion"),
+    "cosup": ("covid_ct_lesion_cosup_resunet", "lesion"),
+    "resnextplus": ("covid_ct_volume_resnextplus", "detector"),
+    "cxr": ("covid_cxr_infection_map_unet", "cxr"),
+}
+
+
+def bundles_dir() -> Path:
+    """The bundles shipped with the repo (``MONAI_COVID_BUNDLES`` overrides)."""
+    env = os.environ.get("MONAI_COVID_BUNDLES")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "bundles"
+
+
+def _installed(name: str) -> bool:
+    folder, _ = BUNDLES[name]
+    b = bundles_dir() / folder
+    return (b / "models" / "model.pt").is_file() and (b / "configs" / "inference.json").is_file()
+
+
+class ModelSet:
+    """The networks a batch uses, loaded once on first use."""
+
+    def __init__(self, names: list[str] | None, device: str = "auto", batch_size: int = 8) -> None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA device is available")
+        self.device = device
+        self.batch_size = batch_size
+        if names is None:
+            names = [n for n in ("asegnet", "resnextplus", "cxr") if _installed(n)]
+        unknown = sorted(set(names) - set(BUNDLES))
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(BUNDLES)}")
+        missing = [n for n in names if not _installed(n)]
+        if missing:
+            raise ValueError(f"model(s) {missing} have no weights under {bundles_dir()}")
+        lesion = [n for n in names if BUNDLES[n][1] == "lesion"]
+        if len(lesion) > 1:
+            raise ValueError(f"choose one lesion model, not {lesion}")
+        self.names = names
+        self.lesion_name = lesion[0] if lesion else None
+        self._nets: dict[str, Any] = {}
+
+    def has(self, role: str) -> bool:
+        return any(BUNDLES[n][1] == role for n in self.names)
+
+    def _bundle(self, name: str) -> Path:
+        return bundles_dir() / BUNDLES[name][0]
+
+    def net(self, name: str):
+        if name not in self._nets:
+            from monai_covid.inference.lesion import load_bundle_network
+
+            self._nets[name] = load_bundle_network(self._bundle(name), self.device)
+        return self._nets[name]
+
+    def config(self, name: str, key: str, default: Any = None) -> Any:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(self._bundle(name) / "configs" / "inference.json"))
+        try:
+            return parser.get_parsed_content(key, instantiate=False)
+        except (KeyError, ValueError):
+            return default
+
+    # ------------------------------------------------------------------ model calls
+    def segment_lesions(self, hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
+        from monai_covid.inference.lesion import segment_volume
+
+        return segment_volume(self.net(self.lesion_name), hu, lung, device=self.device, batch_size=self.batch_size)
+
+    def detect_covid(self, hu: np.ndarray, lung: np.ndarray) -> tuple[float, np.ndarray]:
+        from monai_covid.volume_detector import predict_volume
+
+        size = int(self.config("resnextplus", "image_size", 128) or 128)
+        return predict_volume(self.net("resnextplus"), hu, lung, size=size, device=self.device)
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def _gray(hu: np.ndarray, lo: float = -1350.0, hi: float = 150.0) -> np.ndarray:
+    return (np.clip((hu - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return mask & ~ndi.binary_erosion(mask)
+
+
+def overlay_slice(hu: np.ndarray, lung: np.ndarray | None, lesion: np.ndarray | None, size: int = 256) -> np.ndarray:
+    """RGB uint8 ``(size, size, 3)``: lung window image, lesions in red, lung outline in green."""
+    from PIL import Image
+
+    g = _gray(hu)
+    rgb = np.stack([g, g, g], -1).astype(np.float32)
+    if lesion is not None and lesion.any():
+        les = lesion.astype(bool)
+        rgb[les] = 0.45 * rgb[les] + 0.55 * np.array([255, 30, 30])
+    if lung is not None:
+        rgb[_edge(lung.astype(bool))] = (40, 220, 80)
+    img = Image.fromarray(rgb.astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def overlay_montage(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None, n: int = 12, cols: int = 4) -> np.ndarray:
+    """Montage of ``n`` axial slices: those with the most lesion, else evenly spaced through the lungs."""
+    z_lung = np.flatnonzero(lung.any(axis=(1, 2))) if lung.any() else np.arange(hu.shape[0])
+    if lesion is not None and lesion.any():
+        area = lesion.sum(axis=(1, 2))
+        picks = sorted(np.argsort(area)[::-1][: min(n, int((area > 0).sum()))])
+    else:
+        picks = []
+    if len(picks) < n:
+        extra = np.linspace(z_lung[0], z_lung[-1], n).round().astype(int)
+        picks = sorted(set(picks) | set(extra.tolist()))[:n]
+    tiles = [overlay_slice(hu[z], lung[z], None if lesion is None else lesion[z]) for z in picks]
+    while len(tiles) % cols:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i : i + cols], axis=1) for i in range(0, len(tiles), cols)]
+    return np.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- DICOM SEG
+def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str) -> Path:
+    """DICOM Segmentation (binary, one segment) referencing the source instances, via highdicom."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from monai_covid import __version__
+
+    sources = []
+    for h in volume.headers:
+        h = copy.copy(h)  # in-memory copy: the type-2 attributes highdicom requires may be absent in the source
+        for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            if key not in h:
+                setattr(h, key, "")
+        sources.append(h)
+    desc = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="COVID-19 lesion",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm, version=__version__, family=codes.DCM.ArtificialIntelligence
+        ),
+    )
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=mask.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[desc],
+        series_instance_uid=hd.UID(),
+        series_number=9901,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="monai-covid",
+        manufacturer_model_name=f"monai-covid {algorithm}",
+        software_versions=__version__,
+        device_serial_number="none",
+        series_description=f"COVID-19 lesions ({algorithm})",
+        omit_empty_frames=False,
+    )
+    return atomic_save_with(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True) if _has_enforce() else seg.save_as(tmp))
+
+
+def _has_enforce() -> bool:
+    import inspect
+
+    import pydicom
+
+    return "enforce_file_format" in inspect.signature(pydicom.Dataset.save_as).parameters
+
+
+# ---------------------------------------------------------------------------------------------- cases
+@dataclass
+class Job:
+    case: Case
+    case_id: str
+
+
+def _load_result(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "result.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not result.get("complete") or result.get("version") != RESULT_VERSION:
+        return None
+    if any(not (out_dir / f).is_file() for f in result.get("outputs", {}).values()):
+        return None
+    return result
+
+
+def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool = True) -> dict[str, Any]:
+    """Run the CT models on one case and write its outputs; returns the result record (no status fields)."""
+    from data_prep.lung import lung_mask, lung_volume_ml
+
+    vol = read_volume(job.case.series if job.case.series is not None else job.case.path)
+    if vol.n_slices < 2:
+        raise InputError(job.case.path, f"a CT volume needs at least 2 slices, got {vol.n_slices}")
+    lung = lung_mask(vol.array, vol.spacing)
+    if not lung.any():
+        raise InputError(job.case.path, "no lung found (is this a chest CT in HU?)")
+    outputs: dict[str, str] = {}
+    record: dict[str, Any] = {"n_slices": vol.n_slices, "spacing_zyx_mm": list(vol.spacing),
+                              "shape_zyx": list(vol.array.shape)}
+    record["lung_volume_ml"] = round(lung_volume_ml(lung, vol.spacing), 1)
+    write_like(lung.astype(np.uint8), vol, out_dir / "lung_mask.nii.gz")
+    outputs["lung_mask"] = "lung_mask.nii.gz"
+    lesion = None
+    if models.lesion_name:
+        lesion = models.segment_lesions(vol.array, lung).astype(bool) & lung
+        write_like(lesion.astype(np.uint8), vol, out_dir / "lesion_seg.nii.gz")
+        outputs["lesion_seg"] = "lesion_seg.nii.gz"
+        lesion_ml = lung_volume_ml(lesion, vol.spacing)
+        record["lesion_volume_ml"] = round(lesion_ml, 2)
+        record["lesion_percent_of_lung"] = round(100.0 * lesion_ml / max(record["lung_volume_ml"], 1e-6), 3)
+        if write_seg and vol.kind == "dicom":
+            write_dicom_seg(lesion, vol, out_dir / "lesion_seg.dcm", algorithm=models.lesion_name)
+            outputs["dicom_seg"] = "lesion_seg.dcm"
+    if models.has("detector"):
+        prob, slice_scores = models.detect_covid(vol.array, lung)
+        record["covid_probability"] = round(float(prob), 4)
+        record["slice_scores"] = [round(float(s), 4) for s in slice_scores]
+        if vol.instance_numbers:
+            record["instance_numbers"] = vol.instance_numbers
+    atomic_save_png(out_dir / "overlay.png", overlay_montage(vol.array, lung, lesion))
+    outputs["overlay"] = "overlay.png"
+    record["outputs"] = outputs
+    return record
+
+
+def process_image_case(job: Job, models: ModelSet, out_dir: Path, modality: str) -> dict[str, Any]:
+    """A 2D image: CT slice (``--modality ct``, lesion model) or chest X-ray (``cxr``, infection-map model)."""
+    from PIL import Image
+
+    path = Path(job.case.path)
+    try:
+        with Image.open(path) as im:
+            gray = np.asarray(im.convert("L"), dtype=np.float32)
+    except Exception as e:
+        raise InputError(path, f"not a readable image ({type(e).__name__})") from None
+    outputs: dict[str, str] = {}
+    record: dict[str, Any] = {"n_slices": 1, "shape_zyx": [1, *gray.shape]}
+    if modality == "ct":
+        if not models.lesion_name:
+            raise InputError(path, "no lesion model selected for a CT slice")
+        from monai_covid.inference.lesion import segment_slices
+
+        mask = segment_slices(models.net(models.lesion_name), [gray / 255.0], device=models.device)[0]
+        atomic_save_png(out_dir / "lesion_seg.png", (mask > 0).astype(np.uint8) * 255)
+        outputs["lesion_seg"] = "lesion_seg.png"
+        record["lesion_percent_of_image"] = round(100.0 * float(mask.mean()), 3)
+        g = gray.astype(np.uint8)
+        rgb = np.stack([g, g, g], -1).astype(np.float32)
+        m = mask.astype(bool)
+        rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([255, 30, 30])
+        atomic_save_png(out_dir / "overlay.png", rgb.astype(np.uint8))
+        outputs["overlay"] = "overlay.png"
+    else:
+        record.update(_run_cxr(models, gray, out_dir, outputs))
+    record["outputs"] = outputs
+    return record
+
+
+def _run_cxr(models: ModelSet, gray: np.ndarray, out_dir: Path, outputs: dict[str, str]) -> dict[str, Any]:
+    if not models.has("cxr"):
+        raise InputError(out_dir.name, "chest X-ray case but the cxr model is not installed or not selected")
+    from monai_covid.infection_map import predict_cxr
+
+    res = predict_cxr(models.net("cxr"), gray, device=models.device)
+    atomic_save_png(out_dir / "infection_seg.png", res["seg"])
+    atomic_save_png(out_dir / "infection_map.png", res["map"])
+    atomic_save_png(out_dir / "overlay.png", res["map"][..., :3] if res["map"].ndim == 3 else res["map"])
+    outputs.update({"infection_seg": "infection_seg.png", "infection_map": "infection_map.png", "overlay": "overlay.png"})
+    return {"covid_probability": round(float(res["covid_probability"]), 4),
+            "covid_detected": int(res["covid_detected"]),
+            "infected_area_percent": round(float(res["infected_area_percent"]), 3)}
+
+
+def _dicom_cxr_case(job: Job, models: ModelSet, out_dir: Path) -> dict[str, Any]:
+    import pydicom
+
+    f = job.case.series.files[0]
+    try:
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array.astype(np.float32)
+    except Exception as e:
+        raise InputError(f, f"pixel data cannot be decoded ({type(e).__name__})") from None
+    if arr.ndim != 2:
+        raise InputError(f, f"expected a single 2D X-ray, got pixel array of shape {arr.shape}")
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        arr = arr.max() - arr
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    gray = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255.0
+    outputs: dict[str, str] = {}
+    record = {"n_slices": 1, "shape_zyx": [1, *arr.shape]}
+    record.update(_run_cxr(models, gray, out_dir, outputs))
+    record["outputs"] = outputs
+    return record
+
+
+def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
+    out_dir = output / job.case_id
+    base = {"case_id": job.case_id, "source": job.case.rel, "version": RESULT_VERSION}
+    t0 = time.perf_counter()
+    modality = "cxr" if (job.case.kind == "image" and args.modality == "cxr") or job.case.modality == "cxr" else "ct"
+    base["modality"] = modality
+    try:
+        if job.case.error:
+            raise InputError(job.case.path, job.case.error.split(": ", 1)[-1])
+        if job.case.kind == "image":
+            record = process_image_case(job, models, out_dir, args.modality)
+        elif modality == "cxr":
+            record = _dicom_cxr_case(job, models, out_dir)
+        else:
+            record = process_ct_case(job, models, out_dir, write_seg=not args.no_dicom_seg)
+        result = {**base, "status": "ok", "error": "", **record}
+    except InputError as e:
+        result = {**base, "status": "failed", "error": str(e)}
+    except MemoryError:
+        result = {**base, "status": "failed", "error": f"{job.case.path}: out of memory"}
+    except Exception as e:  # a bug or an unforeseen input must not stop the batch; keep the message to one line
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        result = {**base, "status": "failed", "error": f"{job.case.path}: {msg}"}
+        if os.environ.get("MONAI_COVID_DEBUG"):
+            traceback.print_exc()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["models"] = " ".join(models.names)
+    if result["status"] == "ok":
+        result["complete"] = True
+        atomic_write_json(out_dir / "result.json", result)  # written last: marks the case complete
+    return result
+
+
+def _assign_ids(cases: list[Case]) -> list[Job]:
+    used: set[str] = set()
+    jobs = []
+    for c in cases:
+        base = safe_name(c.rel)
+        cid, i = base, 1
+        while cid in used or cid in ("report", "report.csv", "report.html"):
+            i += 1
+            cid = f"{base}_{i}"
+        used.add(cid)
+        jobs.append(Job(c, cid))
+    return jobs
+
+
+def _fmt(v: Any) -> Any:
+    return "" if v is None else v
+
+
+def write_report(results: list[dict[str, Any]], output: Path) -> None:
+    rows = [{k: _fmt(r.get(k)) for k in REPORT_COLUMNS} for r in results]
+    atomic_write_csv(output / "report.csv", rows, REPORT_COLUMNS)
+    n_ok = sum(r["status"] == "ok" for r in results)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in REPORT_COLUMNS if c != "models")
+    body = []
+    for r in results:
+        cells = "".join(f"<td>{html.escape(str(_fmt(r.get(c))))}</td>" for c in REPORT_COLUMNS if c != "models")
+        img = ""
+        overlay = (r.get("outputs") or {}).get("overlay")
+        if r["status"] == "ok" and overlay:
+            src = html.escape(f"{r['case_id']}/{overlay}")
+            img = f'<tr><td colspan="{len(REPORT_COLUMNS) - 1}"><a href="{src}"><img src="{src}" style="max-width:1024px"></a></td></tr>'
+        cls = "ok" if r["status"] == "ok" else "failed"
+        body.append(f'<tr class="{cls}">{cells}</tr>{img}')
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>monai-covid report</title>
+<style>body{{font-family:sans-serif;margin:1em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
+tr.failed td{{background:#fdd}} th{{background:#eee}}</style></head><body>
+<h1>monai-covid report</h1>
+<p>{n_ok} of {len(results)} cases succeeded. Models: {html.escape(results[0].get('models', '') if results else '')}.
+Red: lesions; green: lung outline. Research use only, not for diagnosis.</p>
+<table><tr>{head}</tr>
+{''.join(body)}
+</table></body></html>
+"""
+    atomic_write_text(output / "report.html", page)
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_batch(args) -> int:
+    from tqdm import tqdm
+
+    from monai_covid.cli import EXIT_FAILED, EXIT_OK, UsageError, _check_output_outside_input
+
+    inp, output = Path(args.input), Path(args.output)
+    if not inp.exists():
+        raise UsageError(f"{inp}: no such file or folder")
+    _check_output_outside_input(inp, output)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    try:
+        models = ModelSet(args.models, device=args.device, batch_size=args.batch_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rank, world = _dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+    cases = find_cases(inp, include_images=args.modality is not None)
+    if inp.is_file() and not cases:
+        raise UsageError(f"{inp}: not a NIfTI file, DICOM series or image")
+    jobs = _assign_ids(cases)
+    mine = jobs[rank::world]
+    output.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    bar = tqdm(mine, desc="infer", unit="case", disable=args.quiet, file=sys.stderr)
+    for job in bar:
+        bar.set_postfix_str(job.case_id[:30])
+        previous = None if args.overwrite else _load_result(output / job.case_id)
+        if previous is not None:
+            results.append(previous)
+            continue
+        result = _run_job(job, models, output, args)
+        results.append(result)
+        if result["status"] != "ok" and not args.quiet:
+            tqdm.write(f"failed: {result['error']}", file=sys.stderr)
+        if world == 1:
+            write_report(results, output)  # keep a usable report even if the run is killed
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[list[dict[str, Any]]] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+        order = {j.case_id: i for i, j in enumerate(jobs)}
+        results.sort(key=lambda r: order.get(r["case_id"], 0))
+        dist.barrier()
+    if rank == 0:
+        write_report(results, output)
+        n_failed = sum(r["status"] != "ok" for r in results)
+        if not args.quiet:
+            total = sum(float(r.get("seconds") or 0) for r in results)
+            print(f"{len(results) - n_failed} of {len(results)} cases ok, {n_failed} failed, {total:.1f} s; "
+                  f"report: {output / 'report.html'} ({output / 'report.csv'})")
+    else:
+        n_failed = sum(r["status"] != "ok" for r in results)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if not results and rank == 0 and not args.quiet:
+        print(f"no cases found under {inp}", file=sys.stderr)
+    return EXIT_OK if n_failed == 0 else EXIT_FAILED
