@@ -212,8 +212,18 @@ def find_dicom_series(root: str | os.PathLike) -> tuple[list[DicomSeries], list[
             continue
         uid = str(ds.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}"
         groups.setdefault(uid, []).append((path, ds))
-    series = []
+    # A series copied into two folders (an export made twice) is two cases, not one with duplicated slices;
+    # a series spread over several folders without repeats stays one.
+    split: dict[str, list[tuple[Path, object]]] = {}
     for uid, members in groups.items():
+        sops = [str(ds.get("SOPInstanceUID", "")) for _, ds in members]
+        if len(set(sops)) < len(sops):
+            for p, ds in members:
+                split.setdefault(f"{uid}@{p.parent}", []).append((p, ds))
+        else:
+            split[uid] = members
+    series = []
+    for uid, members in split.items():
         files = [str(p) for p, _ in members]
         folder = os.path.commonpath([str(p.parent) for p, _ in members])
         modality = str(members[0][1].get("Modality", "")).upper() or "OT"

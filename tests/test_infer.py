@@ -1,0 +1,168 @@
+"""`monai-covid infer` end to end: real DICOM sample, synthetic NIfTI, broken cases, resume, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from monai_covid.batch import REPORT_COLUMNS
+from monai_covid.cli import main
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.fixture(scope="module")
+def batch(sample_series, tmp_path_factory):
+    """An input tree with a real DICOM series, a synthetic NIfTI CT and three broken cases; one infer run."""
+    root = tmp_path_factory.mktemp("infer")
+    inp = root / "in"
+    series = inp / "site A" / "P001 sample"
+    shutil.copytree(sample_series, series)
+    # synthetic chest-like CT: body, two lungs at -850 HU with a dense lesion, in an unusual geometry
+    z, y, x = np.mgrid[:6, :96, :112]
+    ct = np.full((6, 96, 112), -1000, np.int16)
+    ct[((y - 48) / 44.0) ** 2 + ((x - 56) / 52.0) ** 2 < 1] = 40
+    ct[((y - 48) / 28.0) ** 2 + ((x - 32) / 16.0) ** 2 < 1] = -850
+    ct[((y - 48) / 28.0) ** 2 + ((x - 80) / 16.0) ** 2 < 1] = -850
+    ct[:, 40:50, 75:85] = -300
+    img = sitk.GetImageFromArray(ct)
+    img.SetSpacing((3.0, 3.0, 5.0))
+    img.SetOrigin((-150.0, 20.0, 7.5))
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(inp / "synthetic_ct.nii.gz"))
+    # broken cases
+    (inp / "empty.nii.gz").write_bytes(b"")
+    nan = ct.astype(np.float32)
+    nan[2, 10, 10] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(nan), str(inp / "nan_ct.nii.gz"))
+    trunc = inp / "truncated"
+    shutil.copytree(sample_series, trunc)
+    victim = sorted(trunc.glob("*.dcm"))[7]
+    victim.write_bytes(victim.read_bytes()[:3000])
+    before = _tree_digest(inp)
+    out = root / "out"
+    t0 = time.perf_counter()
+    rc = main(["infer", str(inp), str(out), "--quiet", "--models", "asegnet"])
+    seconds = time.perf_counter() - t0
+    with open(out / "report.csv", newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    return {"inp": inp, "out": out, "rc": rc, "rows": rows, "before": before, "series": series, "seconds": seconds}
+
+
+def test_report_and_exit_code(batch):
+    assert batch["rc"] == 1  # some cases failed
+    rows = batch["rows"]
+    assert set(rows) == {"site_A_P001_sample", "synthetic_ct", "empty", "nan_ct", "truncated"}
+    with open(batch["out"] / "report.csv", newline="") as f:
+        assert csv.DictReader(f).fieldnames[: len(REPORT_COLUMNS)] == REPORT_COLUMNS
+    assert rows["site_A_P001_sample"]["status"] == "ok" and rows["synthetic_ct"]["status"] == "ok"
+    for cid, needle in (("empty", "empty.nii.gz"), ("nan_ct", "NaN"), ("truncated", "truncated")):
+        r = rows[cid]
+        assert r["status"] == "failed" and needle in r["error"] and "\n" not in r["error"], r
+    html = (batch["out"] / "report.html").read_text()
+    assert "site_A_P001_sample/overlay.png" in html and "failed" in html
+
+
+def test_inputs_unchanged(batch):
+    assert _tree_digest(batch["inp"]) == batch["before"]
+
+
+def test_dicom_case_outputs(batch):
+    case = batch["out"] / "site_A_P001_sample"
+    row = batch["rows"]["site_A_P001_sample"]
+    assert int(row["n_slices"]) == 30
+    assert 800 < float(row["lung_volume_ml"]) < 3500
+    pct = float(row["lesion_percent_of_lung"])
+    assert 0.0 <= pct <= 100.0
+    assert float(row["lesion_volume_ml"]) == pytest.approx(pct / 100 * float(row["lung_volume_ml"]), rel=0.01, abs=0.05)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(batch["series"])))
+    ref = reader.Execute()
+    for name in ("lesion_seg.nii.gz", "lung_mask.nii.gz"):
+        m = sitk.ReadImage(str(case / name))
+        assert m.GetSize() == ref.GetSize()
+        assert m.GetSpacing() == pytest.approx(ref.GetSpacing(), abs=1e-5)
+        assert m.GetOrigin() == pytest.approx(ref.GetOrigin(), abs=1e-4)
+        assert m.GetDirection() == pytest.approx(ref.GetDirection(), abs=1e-6)
+        assert set(np.unique(sitk.GetArrayFromImage(m))) <= {0, 1}
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lesion_seg.nii.gz")))
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "lung_mask.nii.gz")))
+    assert not (lesion & (1 - lung)).any()  # lesions only inside the lung
+    # DICOM SEG references every source instance and has one frame per slice
+    seg = hd.seg.segread(str(case / "lesion_seg.dcm"))
+    sops = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in batch["series"].glob("*.dcm")}
+    assert int(seg.NumberOfFrames) == 30
+    assert {uid for _, _, uid in seg.get_source_image_uids()} == sops
+    assert seg.SegmentSequence[0].SegmentLabel == "COVID-19 lesion"
+    frames = seg.get_pixels_by_source_instance(sorted(sops), segment_numbers=[1], ignore_spatial_locations=True)
+    assert int(frames.sum()) == int(lesion.sum())
+    result = json.loads((case / "result.json").read_text())
+    assert result["complete"] and result["status"] == "ok" and result["source"] == "site A/P001 sample"
+
+
+def test_nifti_geometry_preserved(batch):
+    src = sitk.ReadImage(str(batch["inp"] / "synthetic_ct.nii.gz"))
+    out = sitk.ReadImage(str(batch["out"] / "synthetic_ct" / "lung_mask.nii.gz"))
+    assert out.GetSize() == src.GetSize()
+    assert out.GetSpacing() == pytest.approx(src.GetSpacing())
+    assert out.GetOrigin() == pytest.approx(src.GetOrigin())
+    assert out.GetDirection() == pytest.approx(src.GetDirection())
+    lung = sitk.GetArrayFromImage(out).astype(bool)
+    # both synthetic lungs found, outside air and body not
+    assert lung[:, 48, 32].all() and lung[:, 48, 80].all() and not lung[:, 48, 56].any() and not lung[:, 2, 2].any()
+
+
+def test_resume_skips_done_cases(batch):
+    done = batch["out"] / "site_A_P001_sample" / "result.json"
+    mtime = done.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    rc = main(["infer", str(batch["inp"]), str(batch["out"]), "--quiet", "--models", "asegnet"])
+    assert rc == 1
+    assert done.stat().st_mtime_ns == mtime
+    assert time.perf_counter() - t0 < max(0.5 * batch["seconds"], 5.0)
+    with open(batch["out"] / "report.csv", newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert rows["site_A_P001_sample"]["lung_volume_ml"] == batch["rows"]["site_A_P001_sample"]["lung_volume_ml"]
+    assert not list(batch["out"].rglob("*.part*"))  # no staging files left behind
+
+
+def test_usage_errors(batch, tmp_path):
+    assert main(["infer", str(batch["inp"]), str(batch["inp"] / "out"), "--quiet"]) == 2
+    assert not (batch["inp"] / "out").exists()
+    assert main(["infer", str(batch["inp"]), str(tmp_path / "o"), "--models", "nope", "--quiet"]) == 2
+    assert main(["infer", str(tmp_path / "missing"), str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_ct_png_slices_and_id_collisions(shared_data, tmp_path):
+    inp = tmp_path / "in"
+    (inp / "a").mkdir(parents=True)
+    (inp / "a_b").mkdir()
+    img = shared_data / "ct_lesion_slices" / "train" / "images" / "0.jpg"
+    shutil.copyfile(img, inp / "a" / "b.jpg")
+    shutil.copyfile(img, inp / "a_b.jpg")
+    rc = main(["infer", str(inp), str(tmp_path / "out"), "--modality", "ct", "--models", "asegnet", "--quiet"])
+    assert rc == 0
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case_id"] for r in rows) == ["a_b", "a_b_2"]
+    from PIL import Image
+
+    for r in rows:
+        seg = np.asarray(Image.open(tmp_path / "out" / r["case_id"] / "lesion_seg.png"))
+        assert seg.shape == np.asarray(Image.open(img)).shape[:2] and set(np.unique(seg)) <= {0, 255}
