@@ -162,6 +162,10 @@ def _read_header(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if path.stat().st_size == 0:
+        if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+            raise InputError(path, "empty file (0 bytes)")
+        return None
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=True)
     except InvalidDicomError:
@@ -249,6 +253,8 @@ def _slice_geometry(series: DicomSeries) -> tuple[list[int], np.ndarray]:
             raise InputError(f, f"matrix {ds.Rows}x{ds.Columns} differs from the series' {rows}x{cols}")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1 and len(files) > 1:
             raise InputError(f, "multi-frame object mixed with single-frame slices")
+    if rows * cols * len(files) > MAX_VOXELS or rows > 8192 or cols > 8192:
+        raise InputError(files[0], f"matrix {rows}x{cols} x {len(files)} slices is larger than this tool reads")
     normal = np.cross(iop[:3], iop[3:])
     pos = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for ds in heads])
     order = list(np.argsort(pos, kind="stable"))
@@ -319,47 +325,75 @@ def _find_undecodable(files: Sequence[str]) -> InputError:
             r = sitk.ImageFileReader()
             r.SetFileName(f)
             r.Execute()
-        except RuntimeError as e:
-            msg = str(e).strip().splitlines()
-            return InputError(f, "pixel data cannot be decoded (truncated or unsupported transfer syntax)" + (f": {msg[-1][:120]}" if msg else ""))
+        except RuntimeError:
+            return InputError(f, "pixel data cannot be decoded (truncated file or unsupported transfer syntax)")
     return InputError(os.path.dirname(files[0]), "the series could not be decoded as one volume")
 
 
 def read_nifti(path: str | os.PathLike) -> Volume:
-    """Read a 3D NIfTI CT in HU. 4D images with a single time point are squeezed; anything else is rejected."""
+    """Read a 3D NIfTI CT in HU. 4D images with a single time point are squeezed; anything else is rejected.
+
+    The geometry is ITK's reading of the header (so outputs match what SimpleITK/ITK-based viewers show); the
+    voxels are decoded once, by nibabel, which, unlike ITK, reports a truncated file and keeps NaN as NaN.
+    """
+    import nibabel as nib
+
     path = Path(path)
+    _check_nifti_header(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise InputError(path, f"not a readable NIfTI ({lines[-1][:120] if lines else 'unknown error'})") from None
-    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
-        image = image[:, :, :, 0]
-    if image.GetDimension() != 3:
-        raise InputError(path, f"expected a 3D CT volume, got {image.GetDimension()}D of size {image.GetSize()}")
-    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"not a readable NIfTI ({_itk_reason(e)})") from None
+    size, dim = reader.GetSize(), reader.GetDimension()
+    if dim == 4 and size[3] == 1:
+        dim = 3
+    if dim != 3:
+        raise InputError(path, f"expected a 3D CT volume, got {reader.GetDimension()}D of size {size}")
+    if reader.GetNumberOfComponents() != 1:
         raise InputError(path, "expected one intensity per voxel (got a vector image)")
-    if min(image.GetSize()) < 1 or min(image.GetSize()[:2]) < 16:
-        raise InputError(path, f"image size {image.GetSize()} is too small for a CT volume")
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
-    _check_nifti_finite(path)
+    if min(size[:2]) < 16:
+        raise InputError(path, f"image size {size} is too small for a CT volume")
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as e:
+        raise InputError(path, f"voxel data cannot be read, file truncated or corrupt ({type(e).__name__})") from None
+    data = data.reshape(data.shape[:3])
+    n_bad = int(data.size - np.count_nonzero(np.isfinite(data))) if data.dtype.kind == "f" else 0
+    if n_bad:
+        raise InputError(path, f"{n_bad} voxels are NaN or infinite")
+    array = np.ascontiguousarray(data.T, dtype=np.float32)  # nibabel (x, y, z) -> (z, y, x)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(reader.GetSpacing()[:3])
+    image.SetOrigin(reader.GetOrigin()[:3])
+    direction = np.asarray(reader.GetDirection()).reshape(reader.GetDimension(), reader.GetDimension())[:3, :3]
+    image.SetDirection(direction.ravel().tolist())
     return Volume(array=array, image=image, source=str(path), kind="nifti")
 
 
-def _check_nifti_finite(path: Path) -> None:
-    """Reject NaN/inf voxels. ITK's NIfTI reader silently turns NaN into 0, so the raw data are checked."""
+def _itk_reason(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:160]
+
+
+#: Refuse volumes above this many voxels before allocating them (a 1024 x 1024 x 2000 CT is 2.1e9).
+MAX_VOXELS = 2_200_000_000
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Reject a NIfTI whose header promises more voxels than is sane, before ITK tries to allocate them."""
     import nibabel as nib
 
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty file")
     try:
-        img = nib.load(str(path))
-    except Exception:  # ITK read it; nibabel's stricter header checks are not ours to enforce
-        return
-    if np.dtype(img.get_data_dtype()).kind != "f":
-        return
-    data = np.asanyarray(img.dataobj)
-    n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-    if n_bad:
-        raise InputError(path, f"{n_bad} voxels are NaN or infinite")
+        header = nib.load(str(path)).header
+        shape = tuple(int(d) for d in header.get_data_shape())
+    except Exception as e:
+        raise InputError(path, f"not a readable NIfTI ({type(e).__name__})") from None
+    if shape and int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
+        raise InputError(path, f"header declares {shape} voxels, more than this tool reads ({MAX_VOXELS:.1e})")
 
 
 def read_volume(path: str | os.PathLike | DicomSeries) -> Volume:

@@ -360,6 +360,8 @@ def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
         elif modality == "cxr":
             record = _dicom_cxr_case(job, models, out_dir)
         else:
+            if job.case.series is not None and job.case.series.modality not in ("CT", "OT", ""):
+                raise InputError(job.case.path, f"modality {job.case.series.modality} is not CT; the CT models do not apply")
             record = process_ct_case(job, models, out_dir, write_seg=not args.no_dicom_seg)
         result = {**base, "status": "ok", "error": "", **record}
     except InputError as e:
@@ -426,6 +428,15 @@ Red: lesions; green: lung outline. Research use only, not for diagnosis.</p>
     atomic_write_text(output / "report.html", page)
 
 
+def _remove_staging_files(output: Path, case_ids: list[str]) -> None:
+    """Delete temporary files a killed run left behind (the atomic writers' ``.<name>.*.part*`` staging files)."""
+    for folder in [output, *(output / c for c in case_ids)]:
+        if folder.is_dir():
+            for p in folder.glob(".*.part*"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+
+
 def _dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -457,6 +468,7 @@ def run_batch(args) -> int:
     jobs = _assign_ids(cases)
     mine = jobs[rank::world]
     output.mkdir(parents=True, exist_ok=True)
+    _remove_staging_files(output, [j.case_id for j in mine])
     results: list[dict[str, Any]] = []
     bar = tqdm(mine, desc="infer", unit="case", disable=args.quiet, file=sys.stderr)
     for job in bar:

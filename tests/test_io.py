@@ -145,3 +145,25 @@ def test_nifti_round_trip_and_bad_nifti(tmp_path):
 )
 def test_safe_name(rel, expected):
     assert safe_name(rel) == expected
+
+
+def test_nifti_reading_matches_simpleitk_with_scaling(tmp_path):
+    """nibabel decodes, ITK gives the geometry: together they must equal SimpleITK's own reading."""
+    import nibabel as nib
+
+    data = np.random.default_rng(1).integers(0, 3000, size=(40, 32, 7)).astype(np.int16)  # (x, y, z)
+    affine = np.array([[-0.7, 0, 0, 90.0], [0, -0.7, 0, 120.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_slope_inter(1.0, -1024.0)
+    nib.save(img, tmp_path / "scaled.nii.gz")
+    v = read_nifti(tmp_path / "scaled.nii.gz")
+    ref = sitk.ReadImage(str(tmp_path / "scaled.nii.gz"))
+    np.testing.assert_array_equal(v.array, sitk.GetArrayFromImage(ref).astype(np.float32))
+    assert v.array.min() >= -1024 and v.array.shape == (7, 32, 40)
+    assert v.image.GetSpacing() == pytest.approx(ref.GetSpacing())
+    assert v.image.GetOrigin() == pytest.approx(ref.GetOrigin())
+    assert v.image.GetDirection() == pytest.approx(ref.GetDirection())
+    raw = (tmp_path / "scaled.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(InputError, match="truncated"):
+        read_nifti(tmp_path / "cut.nii.gz")
