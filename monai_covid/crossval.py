@@ -1,0 +1,285 @@
+"""k-fold cross-validation of a segmentation bundle's ``train.json``, and training of the shipped model.
+
+One command trains every (model variant, fold) through ``monai.bundle.ConfigWorkflow`` (each run in its own
+process, one thread each), then scores each fold's best checkpoint on that fold's held-out slices *at their
+original size* through :func:`monai_covid.inference.lesion.segment_slices` (the same path as the bundle's
+inference), with per-image Dice, sensitivity and specificity. It writes ``cv_per_image.csv``, ``cv_folds.csv``
+and ``cv_results.md`` (per fold and mean +- sd over folds) into ``--docs_dir``::
+
+    python -m monai_covid.crossval bundles/covid_ct_lesion_asegnet --variants asegnet segnet attention_unet \\
+        --jobs 2 --work_dir /tmp/asegnet_cv
+
+``--final`` then trains the shipped model on all slices for the median best epoch of the CV and saves it as an
+fp16 state_dict to ``models/model.pt``. Only the CT lesion variants are defined here (``VARIANTS``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["VARIANTS", "train_one", "score_fold", "per_image_scores", "summarise", "main"]
+
+#: config overrides of the variants compared in the CV table (on top of train.json)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "asegnet": {},
+    "segnet": {"network_def#attention": False},
+    "attention_unet": {
+        "network_def": {
+            "_target_": "AttentionUnet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 2,
+            "channels": [8, 16, 32, 64, 128],
+            "strides": [2, 2, 2, 2],
+        }
+    },
+}
+LABELS = {
+    "asegnet": "A-SegNet + focal Tversky",
+    "segnet": "SegNet + focal Tversky",
+    "attention_unet": "MONAI AttentionUnet + focal Tversky",
+}
+
+
+def per_image_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """Dice, sensitivity and specificity of one binary mask pair (sensitivity NaN without lesion)."""
+    p, g = np.asarray(pred) > 0, np.asarray(label) > 0
+    tp = float(np.count_nonzero(p & g))
+    fp = float(np.count_nonzero(p & ~g))
+    fn = float(np.count_nonzero(~p & g))
+    tn = float(p.size) - tp - fp - fn
+    dice = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
+    sens = tp / (tp + fn) if (tp + fn) > 0 else float("nan")
+    spec = tn / (tn + fp) if (tn + fp) > 0 else float("nan")
+    return {"dice": dice, "sensitivity": sens, "specificity": spec}
+
+
+
+def train_one(bundle: Path, run_dir: Path, overrides: dict[str, Any], log_path: Path) -> subprocess.Popen:
+    """Start one training run of ``configs/train.json`` (one thread) in the background; returns the process."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ov = {"bundle_root": str(bundle), "ckpt_dir": str(run_dir), "output_dir": str(run_dir), **overrides}
+    (run_dir / "overrides.json").write_text(json.dumps(ov, indent=1))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "monai_covid.crossval", "_train", str(bundle), str(run_dir / "overrides.json")]
+    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _train_worker(bundle: str, overrides_file: str) -> int:
+    """Run train.json with the overrides in ``overrides_file``; record the best epoch and the wall time."""
+    import torch
+
+    from monai.bundle import ConfigWorkflow
+
+    torch.set_num_threads(1)
+    ov = json.loads(Path(overrides_file).read_text())
+    run_dir = Path(ov["ckpt_dir"])
+    wf = ConfigWorkflow(config_file=str(Path(bundle) / "configs" / "train.json"), workflow_type="train", **ov)
+    wf.initialize()
+    t0 = time.time()
+    wf.run()
+    seconds = time.time() - t0
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    info = {
+        "best_metric": float(evaluator.state.best_metric),
+        "best_epoch": int(evaluator.state.best_metric_epoch),
+        "epochs_run": int(trainer.state.epoch),
+        "train_seconds": seconds,
+        "seconds_per_epoch": seconds / max(1, trainer.state.epoch),
+    }
+    (run_dir / "train_info.json").write_text(json.dumps(info, indent=1))
+    wf.finalize()
+    return 0
+
+
+def _network_from_overrides(bundle: Path, overrides: dict[str, Any]):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({k: v for k, v in overrides.items() if k.startswith("network_def")})
+    return parser.get_parsed_content("network_def", instantiate=True)
+
+
+def score_fold(bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir: str, fold: int, n_folds: int):
+    """Per-image scores of the fold's held-out slices at original size, with the run's best checkpoint."""
+    import torch
+    from PIL import Image
+
+    from data_prep.datalists import make_datalist
+    from monai_covid.inference.lesion import segment_slices
+
+    net = _network_from_overrides(bundle, overrides)
+    net.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    rows = []
+    for item in make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val"):
+        img = np.asarray(Image.open(item["image"]).convert("L"), dtype=np.float32) / 255.0
+        label = np.asarray(Image.open(item["label"]).convert("L")) > 127
+        pred = segment_slices(net, [img])[0]
+        rows.append({"fold": fold, "image": Path(item["image"]).name, **per_image_scores(pred, label)})
+    return rows
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    v = [x for x in values if not np.isnan(x)]
+    if not v:
+        return "n/a"
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.3f} ± {sd:.3f}"
+
+
+def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict], command: str) -> tuple[list, str]:
+    """Per-fold rows (means over the fold's images) and a markdown table with mean ± sd over folds."""
+    folds_rows = []
+    variants = sorted({r["variant"] for r in per_image}, key=lambda v: list(VARIANTS).index(v))
+    for v in variants:
+        for f in sorted({r["fold"] for r in per_image if r["variant"] == v}):
+            rs = [r for r in per_image if r["variant"] == v and r["fold"] == f]
+            info = infos.get((v, f), {})
+            folds_rows.append(
+                {
+                    "variant": v,
+                    "fold": f,
+                    "n_images": len(rs),
+                    "dice": float(np.mean([r["dice"] for r in rs])),
+                    "sensitivity": float(np.nanmean([r["sensitivity"] for r in rs])),
+                    "specificity": float(np.nanmean([r["specificity"] for r in rs])),
+                    "best_epoch": info.get("best_epoch", ""),
+                    "epochs_run": info.get("epochs_run", ""),
+                    "seconds_per_epoch": round(info["seconds_per_epoch"], 1) if "seconds_per_epoch" in info else "",
+                }
+            )
+    lines = [
+        "| model | fold | images | Dice | sensitivity | specificity | best epoch / run | s/epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in folds_rows:
+        lines.append(
+            f"| {LABELS.get(r['variant'], r['variant'])} | {r['fold']} | {r['n_images']} | {r['dice']:.3f} | "
+            f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['best_epoch']} / {r['epochs_run']} | "
+            f"{r['seconds_per_epoch']} |"
+        )
+    lines += ["", "Mean ± sd over folds (each fold: mean over its images):", "",
+              "| model | Dice | sensitivity | specificity |", "|---|---|---|---|"]
+    for v in variants:
+        fr = [r for r in folds_rows if r["variant"] == v]
+        lines.append(
+            f"| {LABELS.get(v, v)} | {_mean_sd([r['dice'] for r in fr])} | "
+            f"{_mean_sd([r['sensitivity'] for r in fr])} | {_mean_sd([r['specificity'] for r in fr])} |"
+        )
+    lines += ["", f"Command: `{command}`", ""]
+    return folds_rows, "\n".join(lines)
+
+
+def _run_all(jobs: list[tuple[Any, Path, dict, Path]], bundle: Path, max_jobs: int) -> None:
+    pending = list(jobs)
+    running: list[tuple[Any, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < max_jobs:
+            key, run_dir, ov, log = pending.pop(0)
+            if (run_dir / "train_info.json").is_file():
+                print(f"[cv] {key}: already trained, reusing {run_dir}", flush=True)
+                continue
+            print(f"[cv] start {key} -> {run_dir}", flush=True)
+            running.append((key, train_one(bundle, run_dir, ov, log)))
+        time.sleep(5)
+        for key, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((key, proc))
+                status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see log)"
+                print(f"[cv] {key}: {status}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_train":
+        return _train_worker(argv[1], argv[2])
+    p = argparse.ArgumentParser(prog="python -m monai_covid.crossval", description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--variants", nargs="+", default=["asegnet"], choices=list(VARIANTS))
+    p.add_argument("--folds", nargs="*", type=int, default=[0, 1, 2, 3, 4], help="none: no CV (with --final)")
+    p.add_argument("--n_folds", type=int, default=5)
+    p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    p.add_argument("--work_dir", type=Path, default=Path("/tmp/monai_covid_cv"))
+    p.add_argument("--docs_dir", type=Path, default=None, help="default: <bundle>/docs")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides")
+    p.add_argument("--final", action="store_true", help="then train on all slices and write models/model.pt (fp16)")
+    p.add_argument("--final_epochs", type=int, default=None, help="default: median best epoch of the CV runs")
+    a = p.parse_args(argv)
+
+    bundle = a.bundle.resolve()
+    docs = (a.docs_dir or bundle / "docs").resolve()
+    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
+    common = {"dataset_dir": a.data_dir, "n_folds": a.n_folds, **extra}
+    jobs = []
+    for v in a.variants:
+        for f in a.folds:
+            run_dir = a.work_dir / v / f"fold{f}"
+            jobs.append(((v, f), run_dir, {**common, **VARIANTS[v], "fold": f}, a.work_dir / f"{v}_fold{f}.log"))
+    a.work_dir.mkdir(parents=True, exist_ok=True)
+    _run_all(jobs, bundle, a.jobs)
+
+    from monai_covid.io_utils import atomic_write_csv, atomic_write_text
+
+    per_image, infos = [], {}
+    for (v, f), run_dir, ov, _ in jobs:
+        if not (run_dir / "train_info.json").is_file():
+            print(f"[cv] {v} fold {f}: no finished run, left out of the table", flush=True)
+            continue
+        infos[(v, f)] = json.loads((run_dir / "train_info.json").read_text())
+        per_image += [{"variant": v, **r} for r in score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds)]
+    if per_image:
+        command = "python -m monai_covid.crossval " + " ".join(str(x) for x in argv)
+        folds_rows, md = summarise(per_image, infos, command)
+        fields = ["variant", "fold", "image", "dice", "sensitivity", "specificity"]
+        atomic_write_csv(docs / "cv_per_image.csv", per_image, fields)
+        atomic_write_csv(docs / "cv_folds.csv", folds_rows, list(folds_rows[0]))
+        atomic_write_text(docs / "cv_results.md", md)
+        print(md, flush=True)
+
+    if a.final:
+        best = [i["best_epoch"] for (v, _), i in infos.items() if v == "asegnet"]
+        epochs = a.final_epochs or (int(round(statistics.median(best))) if best else None)
+        if not epochs:
+            raise SystemExit("--final needs --final_epochs or finished asegnet CV runs")
+        run_dir = a.work_dir / "final"
+        ov = {**common, "fold": None, "max_epochs": epochs, "val_interval": epochs, "early_stop_patience": epochs}
+        print(f"[cv] final model: all slices, {epochs} epochs", flush=True)
+        _run_all([("final", run_dir, ov, a.work_dir / "final.log")], bundle, 1)
+        save_fp16(run_dir / "model.pt", bundle / "models" / "model.pt")
+        info = json.loads((run_dir / "train_info.json").read_text())
+        atomic_write_text(docs / "final_training.json", json.dumps({"epochs": epochs, **info}, indent=1) + "\n")
+    return 0
+
+
+def save_fp16(src: Path, dst: Path) -> Path:
+    """Copy a float32 state_dict as fp16 (floating tensors only), atomically."""
+    import io
+
+    import torch
+
+    from monai_covid.io_utils import atomic_write_bytes
+
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    state = {k: v.half() if torch.is_floating_point(v) else v for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write_bytes(dst, buf.getvalue())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
