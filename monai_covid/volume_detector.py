@@ -49,6 +49,7 @@ __all__ = [
     "prepare_bag_batch",
     "pretrain_slices",
     "select_thresholds",
+    "balanced_subset",
     "merge_pools",
     "negative_series",
     "finish_training",
@@ -327,6 +328,8 @@ class MILBagDataset(torch.utils.data.Dataset):
             kinds += [("slices", 1), ("slices", 0)]
             if self.neg_series:
                 kinds += [("hybrid", 1), ("hybrid", 0)]
+        if not kinds:
+            raise ValueError("MILBagDataset needs a real series or 2D slices of both classes")
         self.kinds = kinds
 
     def __len__(self) -> int:
@@ -470,6 +473,11 @@ def pretrain_slices(
         history.append(tot / cnt)
         print(f"pretrain epoch {ep + 1}/{epochs}: loss {history[-1]:.4f}", flush=True)
     return history
+
+
+def balanced_subset(items: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """At most ``n`` items, half of each ``label`` (0/1), in the given order."""
+    return [d for d in items if int(d["label"]) == 1][: n // 2] + [d for d in items if int(d["label"]) == 0][: n - n // 2]
 
 
 def merge_pools(*pools: SlicePool) -> SlicePool:
