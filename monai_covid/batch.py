@@ -83,6 +83,7 @@ class ModelSet:
         self.names = names
         self.lesion_name = lesion[0] if lesion else None
         self._nets: dict[str, Any] = {}
+        self._configs: dict[str, Any] = {}
 
     def has(self, role: str) -> bool:
         return any(BUNDLES[n][1] == role for n in self.names)
@@ -98,14 +99,19 @@ class ModelSet:
         return self._nets[name]
 
     def config(self, name: str, key: str, default: Any = None) -> Any:
+        """A plain value from a bundle's ``inference.json`` (thresholds, sizes), without building anything."""
         from monai.bundle import ConfigParser
 
-        parser = ConfigParser()
-        parser.read_config(str(self._bundle(name) / "configs" / "inference.json"))
-        try:
-            return parser.get_parsed_content(key, instantiate=False)
-        except (KeyError, ValueError):
-            return default
+        if name not in self._configs:
+            parser = ConfigParser()
+            parser.read_config(str(self._bundle(name) / "configs" / "inference.json"))
+            self._configs[name] = parser
+        node: Any = self._configs[name].config
+        for part in key.split("#"):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
 
     # ------------------------------------------------------------------ model calls
     def segment_lesions(self, hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
@@ -116,8 +122,9 @@ class ModelSet:
     def detect_covid(self, hu: np.ndarray, lung: np.ndarray) -> tuple[float, np.ndarray]:
         from monai_covid.volume_detector import predict_volume
 
-        size = int(self.config("resnextplus", "image_size", 128) or 128)
-        return predict_volume(self.net("resnextplus"), hu, lung, size=size, device=self.device)
+        size = int(self.config("resnextplus", "preprocessing#image_size", 128))
+        chunk = int(self.config("resnextplus", "inferer#chunk_size", 32))
+        return predict_volume(self.net("resnextplus"), hu, lung, size=size, chunk_size=chunk, device=self.device)
 
 
 # ---------------------------------------------------------------------------------------------- pictures
@@ -266,10 +273,13 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
             outputs["dicom_seg"] = "lesion_seg.dcm"
     if models.has("detector"):
         prob, slice_scores = models.detect_covid(vol.array, lung)
+        slice_thr = float(models.config("resnextplus", "postprocessing#slice_threshold", 0.5))
+        volume_thr = float(models.config("resnextplus", "postprocessing#volume_threshold", 0.5))
         record["covid_probability"] = round(float(prob), 4)
+        record["covid_label"] = int(prob >= volume_thr)
         record["slice_scores"] = [round(float(s), 4) for s in slice_scores]
-        if vol.instance_numbers:
-            record["instance_numbers"] = vol.instance_numbers
+        record["slice_covid"] = [int(s >= slice_thr) for s in slice_scores]
+        record["instance_numbers"] = vol.instance_numbers or list(range(1, vol.n_slices + 1))
     atomic_save_png(out_dir / "overlay.png", overlay_montage(vol.array, lung, lesion))
     outputs["overlay"] = "overlay.png"
     record["outputs"] = outputs
