@@ -320,10 +320,12 @@ class ThresholdReportHandler:
         for o in engine.state.output:
             self.probs.append(float(torch.as_tensor(o[self.pred_key]).reshape(-1)[0]))
             self.labels.append(float(torch.as_tensor(o[self.label_key]).reshape(-1)[0]))
-        meta = getattr(engine.state.batch.get(self.image_key), "meta", None) or {}
-        names = meta.get("filename_or_obj")
-        if names is not None:
-            self.cases.extend(Path(n).name for n in ([names] if isinstance(names, str) else names))
+        batch = engine.state.batch  # MONAI engines decollate it into a list of per-image dicts
+        for d in batch if isinstance(batch, list) else [batch]:
+            meta = getattr(d.get(self.image_key), "meta", None) or {}
+            names = meta.get("filename_or_obj")
+            if names is not None:
+                self.cases.extend(Path(n).name for n in ([names] if isinstance(names, str) else names))
 
     def write(self, engine: Engine | None = None) -> dict[str, Any]:
         cases = self.cases if len(self.cases) == len(self.probs) else None
