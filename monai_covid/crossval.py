@@ -49,6 +49,7 @@ LABELS = {
     "asegnet": "A-SegNet + focal Tversky",
     "segnet": "SegNet + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
+    "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
 }
 
 
@@ -73,7 +74,18 @@ def train_one(bundle: Path, run_dir: Path, overrides: dict[str, Any], log_path: 
     (run_dir / "overrides.json").write_text(json.dumps(ov, indent=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "monai_covid.crossval", "_train", str(bundle), str(run_dir / "overrides.json")]
-    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    (run_dir / "running.pid").write_text(str(proc.pid))
+    return proc
+
+
+def _running_elsewhere(run_dir: Path) -> bool:
+    """True while another coordinator's training process for ``run_dir`` is alive (so both can share a work dir)."""
+    try:
+        os.kill(int((run_dir / "running.pid").read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _train_worker(bundle: str, overrides_file: str) -> int:
@@ -113,8 +125,11 @@ def _network_from_overrides(bundle: Path, overrides: dict[str, Any]):
     return parser.get_parsed_content("network_def", instantiate=True)
 
 
-def score_fold(bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir: str, fold: int, n_folds: int):
-    """Per-image scores of the fold's held-out slices at original size, with the run's best checkpoint."""
+def score_fold(
+    bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir: str, fold: int, n_folds: int, tta: bool = False
+):
+    """Per-image scores of the fold's held-out slices at original size, with the run's best checkpoint
+    (``tta``: with left-right flip test-time augmentation)."""
     import torch
     from PIL import Image
 
@@ -128,7 +143,7 @@ def score_fold(bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir:
     for item in make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val"):
         img = np.asarray(Image.open(item["image"]).convert("L"), dtype=np.float32) / 255.0
         label = np.asarray(Image.open(item["label"]).convert("L")) > 127
-        pred = segment_slices(net, [img])[0]
+        pred = segment_slices(net, [img], tta=tta)[0]
         rows.append({"fold": fold, "image": Path(item["image"]).name, **per_image_scores(pred, label)})
     return rows
 
@@ -144,7 +159,7 @@ def _mean_sd(values: Sequence[float]) -> str:
 def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict], command: str) -> tuple[list, str]:
     """Per-fold rows (means over the fold's images) and a markdown table with mean ± sd over folds."""
     folds_rows = []
-    variants = sorted({r["variant"] for r in per_image}, key=lambda v: list(VARIANTS).index(v))
+    variants = sorted({r["variant"] for r in per_image}, key=lambda v: list(LABELS).index(v))
     for v in variants:
         for f in sorted({r["fold"] for r in per_image if r["variant"] == v}):
             rs = [r for r in per_image if r["variant"] == v and r["fold"] == f]
@@ -192,6 +207,9 @@ def _run_all(jobs: list[tuple[Any, Path, dict, Path]], bundle: Path, max_jobs: i
             key, run_dir, ov, log = pending.pop(0)
             if (run_dir / "train_info.json").is_file():
                 print(f"[cv] {key}: already trained, reusing {run_dir}", flush=True)
+                continue
+            if _running_elsewhere(run_dir):
+                print(f"[cv] {key}: being trained by another process, skipped here", flush=True)
                 continue
             print(f"[cv] start {key} -> {run_dir}", flush=True)
             running.append((key, train_one(bundle, run_dir, ov, log)))
@@ -242,6 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         infos[(v, f)] = json.loads((run_dir / "train_info.json").read_text())
         per_image += [{"variant": v, **r} for r in score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds)]
+        if v == "asegnet":  # same checkpoints, mirrored test-time augmentation (an inference option)
+            rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, tta=True)
+            per_image += [{"variant": "asegnet_tta", **r} for r in rows]
     if per_image:
         command = "python -m monai_covid.crossval " + " ".join(str(x) for x in argv)
         folds_rows, md = summarise(per_image, infos, command)

@@ -80,16 +80,23 @@ def load_bundle_network(
     return net.to(torch.device(device)).eval()
 
 
+def _softmax(net: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: bool, tta: bool) -> torch.Tensor:
+    """Class probabilities of ``x``; with ``tta`` averaged with the left-right mirrored slice."""
+    with _autocast(device, amp):
+        prob = torch.softmax(net(x).float(), dim=1)
+        if tta:
+            prob = 0.5 * (prob + torch.softmax(net(x.flip(-1)).float(), dim=1).flip(-1))
+    return prob
+
+
 @torch.no_grad()
 def _predict(
-    net: torch.nn.Module, batch: torch.Tensor, device: torch.device, amp: bool, batch_size: int
+    net: torch.nn.Module, batch: torch.Tensor, device: torch.device, amp: bool, batch_size: int, tta: bool = False
 ) -> torch.Tensor:
     """Lesion probability ``(N, H, W)`` of a ``(N, 1, H, W)`` batch, ``batch_size`` slices at a time."""
     out = []
     for i in range(0, batch.shape[0], batch_size):
-        with _autocast(device, amp):
-            logits = net(batch[i : i + batch_size].to(device))
-        out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        out.append(_softmax(net, batch[i : i + batch_size].to(device), device, amp, tta)[:, 1].cpu())
     return torch.cat(out)
 
 
@@ -101,12 +108,13 @@ def segment_slices(
     batch_size: int = 8,
     amp: bool = True,
     threshold: float = 0.5,
+    tta: bool = False,
 ) -> list[np.ndarray]:
     """Lesion masks of 2D slices with intensities in [0, 1] (8-bit windowed slices divided by 255).
 
     Each ``(H, W)`` slice is resized to ``image_size`` exactly as in training (bilinear, anti-aliased), segmented,
     and its lesion probability resized back to ``(H, W)`` and thresholded. Returns uint8 masks (0/1), one per input,
-    each the size of its input.
+    each the size of its input. ``tta``: average with the left-right mirrored slice.
     """
     device = torch.device(device)
     resize = Resize(spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True)
@@ -117,7 +125,7 @@ def segment_slices(
             if im.ndim != 2:
                 raise ValueError(f"segment_slices expects (H, W) slices, got shape {im.shape}")
         batch = torch.stack([torch.as_tensor(resize(torch.from_numpy(im)[None])).as_tensor() for im in chunk])
-        prob = _predict(net, batch, device, amp, batch_size)
+        prob = _predict(net, batch, device, amp, batch_size, tta)
         for im, p in zip(chunk, prob):
             full = F.interpolate(p[None, None], size=im.shape, mode="bilinear", align_corners=False)[0, 0]
             masks.append((full > threshold).numpy().astype(np.uint8))
@@ -148,6 +156,7 @@ def segment_volume(
     amp: bool = True,
     chunk_slices: int = 32,
     threshold: float = 0.5,
+    tta: bool = False,
 ) -> np.ndarray:
     """Lesion mask ``(z, y, x)`` uint8 (0/1) of a CT volume in HU.
 
@@ -164,6 +173,7 @@ def segment_volume(
         hu_window: HU range mapped to [0, 1] (see the module docstring).
         chunk_slices: slices windowed, resized and inferred at once, which bounds memory for long volumes.
         threshold: lesion probability threshold.
+        tta: average with the left-right mirrored slices.
     """
     from data_prep.intensity import HUWindow
 
@@ -181,8 +191,7 @@ def segment_volume(
     out = np.zeros(hu_zyx.shape, dtype=np.uint8)
 
     def _run(x: torch.Tensor) -> torch.Tensor:
-        with _autocast(device, amp):
-            return torch.softmax(net(x).float(), dim=1)
+        return _softmax(net, x, device, amp, tta)
 
     # SliceInferer runs the 2D network over the slices of a (1, 1, z, y, x) volume (spatial_dim 0 = z), batch_size
     # slices per call, with a sliding window of roi_size over each (one window when the slice is image_size).
@@ -284,8 +293,10 @@ class LesionInferer(Inferer):
         hu_window: Sequence[float] = HU_WINDOW,
         amp: bool = True,
         chunk_slices: int = 32,
+        tta: bool = False,
     ) -> None:
         super().__init__()
+        self.tta = tta
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.image_size = tuple(image_size) if image_size is not None else None
@@ -297,7 +308,9 @@ class LesionInferer(Inferer):
         network.eval()
         if inputs["kind"] == "image":
             size = self.image_size or TRAIN_SIZE
-            return segment_slices(network, [inputs["image"]], self.device, size, self.batch_size, self.amp)[0]
+            return segment_slices(
+                network, [inputs["image"]], self.device, size, self.batch_size, self.amp, tta=self.tta
+            )[0]
         vol = inputs["volume"]
         return segment_volume(
             network,
@@ -309,6 +322,7 @@ class LesionInferer(Inferer):
             hu_window=self.hu_window,
             amp=self.amp,
             chunk_slices=self.chunk_slices,
+            tta=self.tta,
         )
 
 
