@@ -175,9 +175,12 @@ class SegmentationDetectionReport:
 
     def _update(self, engine) -> None:
         self.seconds += time.perf_counter() - self._t0
-        outputs = engine.state.output
-        for item in outputs if isinstance(outputs, Sequence) else [outputs]:
-            positive = item[self.positive_key]
+        outputs, batch = engine.state.output, engine.state.batch
+        outputs = outputs if isinstance(outputs, Sequence) else [outputs]
+        batch = batch if isinstance(batch, Sequence) else [batch]
+        for item, data in zip(outputs, batch):
+            # MONAI engines keep only image/label/pred in the output; other keys stay in the (decollated) batch
+            positive = item[self.positive_key] if self.positive_key in item else data[self.positive_key]
             if isinstance(positive, torch.Tensor):
                 positive = int(positive.reshape(-1)[0].item())
             self.update(item[self.pred_key], item[self.label_key], positive)

@@ -332,9 +332,13 @@ class InfectionMapWriter:
         return row
 
     def _write_items(self, engine) -> None:
-        outputs = engine.state.output
-        for item in outputs if isinstance(outputs, Sequence) else [outputs]:
-            pred, image = item[self.pred_key], item[self.image_key]
+        outputs, batch = engine.state.output, engine.state.batch
+        outputs = outputs if isinstance(outputs, Sequence) else [outputs]
+        batch = batch if isinstance(batch, Sequence) else [batch]
+        for item, data in zip(outputs, batch):
+            # MONAI engines keep only image/label/pred in the output; other keys stay in the (decollated) batch
+            pred = item[self.pred_key] if self.pred_key in item else data[self.pred_key]
+            image = item[self.image_key] if self.image_key in item else data[self.image_key]
             meta = getattr(image, "meta", None) or getattr(pred, "meta", {})
             self.write_one(pred, image, str(meta.get("filename_or_obj", f"image{len(self.rows)}")))
 
