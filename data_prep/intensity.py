@@ -70,17 +70,17 @@ class ToneMap(Transform):
 
     ``I_out = 1 / (1 + exp(-a * I_in^(1/gamma)))`` with ``gamma = 1.5``, ``a = 0.35``.
 
-    The paper applies Eq. 5 during the conversion of CT to 8-bit images, so ``I_in`` is on the 0–255 scale: the
-    input here is a windowed image in ``[0, 1]`` (e.g. the output of :class:`HUWindow`), multiplied by
-    ``input_scale`` (255) before Eq. 5. The sigmoid output lies in ``[0.5, s_max]``; with ``rescale=True``
-    (default) it is mapped linearly back to ``[0, 1]`` so that the result is a drop-in image intensity. Dark
-    (lung) values get the steep part of the curve, bright (bone, soft tissue) values are compressed.
-    Input: any shape; output: float32, same shape and type.
+    The paper does not say on which scale ``I_in`` lies. The input here is a windowed image in ``[0, 1]`` (e.g. the
+    output of :class:`HUWindow`) multiplied by ``input_scale`` before Eq. 5. The default ``input_scale=1`` gives a
+    gamma-like curve that brightens dark (lung) values and compresses bright ones while keeping the whole range in
+    use; ``input_scale=255`` reads Eq. 5 on 8-bit values, where everything above about 0.1 of the window
+    saturates (lung against everything else). The sigmoid output lies in ``[0.5, s_max]``; with ``rescale=True``
+    (default) it is mapped linearly to ``[0, 1]``. Input: any shape; output: float32, same shape and type.
     """
 
     backend = [*HUWindow.backend]
 
-    def __init__(self, gamma: float = 1.5, a: float = 0.35, input_scale: float = 255.0, rescale: bool = True) -> None:
+    def __init__(self, gamma: float = 1.5, a: float = 0.35, input_scale: float = 1.0, rescale: bool = True) -> None:
         if gamma <= 0 or input_scale <= 0:
             raise ValueError("gamma and input_scale must be positive")
         self.gamma, self.a, self.input_scale, self.rescale = float(gamma), float(a), float(input_scale), rescale
@@ -106,7 +106,7 @@ class ToneMapd(MapTransform):
         keys: KeysCollection,
         gamma: float = 1.5,
         a: float = 0.35,
-        input_scale: float = 255.0,
+        input_scale: float = 1.0,
         rescale: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:

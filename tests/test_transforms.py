@@ -32,18 +32,24 @@ def test_hu_window_custom_and_types():
         HUWindow(0, -10)
 
 
-def test_tone_map_matches_equation_5():
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_tone_map_matches_equation_5(scale):
     x = np.array([0.0, 0.1, 0.5, 1.0], dtype=np.float32)
-    raw = ToneMap(rescale=False)(x)
-    expected = 1.0 / (1.0 + np.exp(-0.35 * (x * 255.0) ** (1.0 / 1.5)))
+    raw = ToneMap(input_scale=scale, rescale=False)(x)
+    expected = 1.0 / (1.0 + np.exp(-0.35 * (x * scale) ** (1.0 / 1.5)))
     np.testing.assert_allclose(raw, expected, rtol=1e-6)
-    scaled = ToneMap()(x)
+    scaled = ToneMap(input_scale=scale)(x)
     assert scaled[0] == pytest.approx(0.0, abs=1e-6) and scaled[-1] == pytest.approx(1.0, abs=1e-5)
     assert np.all(np.diff(scaled) > 0)  # monotone
     # dark values are expanded, bright ones compressed
     assert scaled[1] - scaled[0] > scaled[3] - scaled[2]
-    t = ToneMapd(keys=["a"])({"a": torch.from_numpy(x)})["a"]
+    t = ToneMapd(keys=["a"], input_scale=scale)({"a": torch.from_numpy(x)})["a"]
     assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), scaled, atol=1e-6)
+
+
+def test_tone_map_default_keeps_range_in_use():
+    # on [0, 1] input the default curve is close to x^(1/1.5): 0.1 -> ~0.22, not saturated
+    assert ToneMap()(np.array([0.1], dtype=np.float32))[0] == pytest.approx(0.1 ** (1 / 1.5), abs=0.02)
 
 
 def _phantom(shape=(12, 96, 96)):
