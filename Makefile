@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test clean label-env label test-label
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,31 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# MONAI Label server (docs/monailabel.md) in its own environment: MONAI Label's pins clash with the core's.
+LABEL_VENV := .venv-label
+LABEL_BIN := $(LABEL_VENV)/bin
+LABEL_STAMP := $(LABEL_VENV)/.installed
+LABEL_STUDIES ?= out/label_studies
+LABEL_PORT ?= 8000
+
+$(LABEL_STAMP): monailabel_app/requirements.txt setup.cfg pyproject.toml
+	test -x $(LABEL_BIN)/python || $(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_BIN)/python -m pip install -q --upgrade pip
+	# a lock file: every package pinned, installed without resolving (see its header)
+	$(LABEL_BIN)/python -m pip install -q --no-deps -r monailabel_app/requirements.txt
+	$(LABEL_BIN)/python -m pip install -q --no-deps -e .
+	touch $(LABEL_STAMP)
+
+label-env: $(LABEL_STAMP)
+
+# Serves monailabel_app on 127.0.0.1:$(LABEL_PORT); studies: NIfTI files in $(LABEL_STUDIES) (default: the shipped
+# sample converted there, since MONAI Label keeps its labels and index inside the studies folder).
+label: $(LABEL_STAMP)
+	ls $(LABEL_STUDIES)/*.nii.gz >/dev/null 2>&1 || $(LABEL_BIN)/monai-covid convert samples/ct_dicom $(LABEL_STUDIES)
+	MONAI_LABEL_AUTO_UPDATE_SCORING=false NO_PROXY=127.0.0.1 no_proxy=127.0.0.1 $(LABEL_BIN)/python -m monailabel.main \
+		start_server --app monailabel_app --studies $(LABEL_STUDIES) --host 127.0.0.1 --port $(LABEL_PORT) \
+		--conf skip_trainers true
+
+test-label: $(STAMP) $(LABEL_STAMP)
+	MONAI_COVID_LABEL_TEST=1 $(BIN)/python -m pytest tests/test_monailabel.py $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Infer tasks of the monai-covid MONAI Label app (see ``docs/monailabel.md``)."""

@@ -1,0 +1,1 @@
+"""MONAI Label infer tasks over the monai-covid bundles."""
