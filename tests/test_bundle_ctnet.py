@@ -1,0 +1,141 @@
+"""Bundle covid_ct_slice_ctnet (COVID CT-Net, paper 002): metadata, a short real training run, evaluation and
+inference with heatmaps on real CT slices, all through monai.bundle's ConfigWorkflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from data_prep.datalists import ct_slices_cls_datalist, split_by_fold
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_ct_slice_ctnet"
+CONFIGS = BUNDLE / "configs"
+
+
+def _subset(shared_data: Path, fold: int, part: int, n_per_class: int) -> list[dict]:
+    """``n_per_class`` COVID and non-COVID items of the training (part 0) or validation (part 1) side of ``fold``."""
+    items = split_by_fold(ct_slices_cls_datalist(shared_data), fold)[part]
+    return [d for d in items if d["label"] == 1][:n_per_class] + [d for d in items if d["label"] == 0][:n_per_class]
+
+
+def test_layout_and_metadata(tmp_path: Path, repo_root: Path) -> None:
+    for name in ("metadata", "train", "evaluate", "inference", "multi_gpu_train"):
+        json.loads((CONFIGS / f"{name}.json").read_text())
+    assert (BUNDLE / "LICENSE").is_file() and (BUNDLE / "docs" / "README.md").is_file()
+    schema = tmp_path / "schema.json"
+    shutil.copy(repo_root / "schemas" / "meta_schema_20240725.json", schema)
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
+    model = BUNDLE / "models" / "model.pt"
+    assert model.stat().st_size < 5 * 1024 * 1024
+    sd = torch.load(model, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    keys = list(json.loads((CONFIGS / "inference.json").read_text()))
+    order = ["bundle_root", "output_dir", "dataset_dir", "datalist", "device", "network_def", "preprocessing",
+             "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "initialize", "run"]
+    assert [k for k in keys if k in order] == order
+
+
+def test_short_training_and_evaluation(shared_data: Path, tmp_path: Path) -> None:
+    """2 training iterations (4 real slices, batch 2) then the evaluate config on 4 held-out slices."""
+    common = dict(
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(shared_data),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "ckpt"),
+        image_size=64,
+        width=4,
+        train_datalist=_subset(shared_data, 0, 0, 2),
+        val_datalist=_subset(shared_data, 0, 1, 2),
+        batch_size=2,
+    )
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", epochs=1, augment_factor=1, **common
+    )
+    wf.initialize()
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1 and trainer.state.iteration == 2
+    assert np.isfinite(float(trainer.state.output[0]["loss"]))
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert 0.0 <= evaluator.state.metrics["val_auc"] <= 1.0
+    sd = torch.load(tmp_path / "ckpt" / "model.pt", map_location="cpu", weights_only=True)
+    assert sd["stem.0.weight"].dtype == torch.float16 and sd["stem.0.weight"].shape[0] == 4
+    wf.finalize()
+
+    ev = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
+        workflow_type=None,
+        eval_output_dir=str(tmp_path / "eval"),
+        **common,
+    )
+    ev.initialize()
+    ev.run()
+    with open(tmp_path / "eval" / "threshold_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["threshold"]) for r in rows] == pytest.approx([0.1 * k for k in range(1, 10)])
+    assert all(int(r["tp"]) + int(r["fn"]) == 2 and int(r["tn"]) + int(r["fp"]) == 2 for r in rows)
+    for name in ("roc_curve.png", "pr_curve.png", "confusion_matrix.png", "summary.json", "scores.csv"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    ev.finalize()
+
+
+def test_inference_with_heatmaps(shared_data: Path, tmp_path: Path, capsys) -> None:
+    """Shipped weights on 4 validation-fold slices (never trained on) plus one broken file."""
+    items = _subset(shared_data, 0, 1, 2)
+    data = tmp_path / "in"
+    data.mkdir()
+    for d in items:
+        shutil.copy(d["image"], data / Path(d["image"]).name)
+    (data / "broken.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "out"
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(data),
+        output_dir=str(out),
+        explain_occlusion=True,
+        occlusion_mask_size=32,  # 7 x 7 patch positions instead of 15 x 15: same code path, faster test
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "broken.png" in err[0]
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "covid_probability", "label"]
+    truth = {Path(d["image"]).name: d["label"] for d in items}
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(truth)
+    prob = {Path(r["image"]).name: float(r["covid_probability"]) for r in rows}
+    assert all(0.0 <= p <= 1.0 for p in prob.values())
+    assert all(int(r["label"]) == int(float(r["covid_probability"]) >= 0.5) for r in rows)
+    # the shipped model ranks these held-out COVID slices above the non-COVID ones and gets >= 3 of 4 right
+    covid = [prob[n] for n, y in truth.items() if y == 1]
+    non_covid = [prob[n] for n, y in truth.items() if y == 0]
+    assert min(covid) > max(non_covid)
+    assert sum(int(prob[n] >= 0.5) == y for n, y in truth.items()) >= 3
+    for name in truth:
+        stem = Path(name).stem
+        with Image.open(data / name) as im:
+            size = im.size
+        for method in ("gradcam", "gradcampp", "occlusion"):
+            png = out / f"{stem}_{method}.png"
+            with Image.open(png) as hm:
+                assert hm.size == size, png
+                arr = np.asarray(hm.convert("RGB"), dtype=np.float32)
+            assert arr.std() > 0
+            # the overlay is not just the grayscale image: colour channels differ where the heatmap is
+            assert np.abs(arr[..., 0] - arr[..., 2]).mean() > 1.0
+    assert not list(data.glob("*_gradcam.png"))  # nothing written into the input folder
