@@ -5,7 +5,7 @@ started here as a subprocess on a free port with a studies folder holding the sh
 NIfTI (and, when the data are there, one real chest X-ray). The test reads ``/info``, asks for the lung mask, the
 lesion mask and the COVID-19 classification of the CT, checks what comes back, and always stops the server.
 
-Skipped when ``.venv-label`` does not exist, unless ``MONAI_COVID_LABEL_TEST=1`` (``make test-label``, CI), which
+Skipped when ``.venv-label`` (``MONAI_COVID_LABEL_VENV`` overrides) does not exist, unless ``MONAI_COVID_LABEL_TEST=1`` (``make test-label``, CI), which
 makes a missing environment a failure. Only 127.0.0.1 is contacted (proxies are bypassed).
 """
 
@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LABEL_PYTHON = REPO / ".venv-label" / "bin" / "python"
+LABEL_VENV = Path(os.environ.get("MONAI_COVID_LABEL_VENV", REPO / ".venv-label"))
+LABEL_PYTHON = LABEL_VENV / "bin" / "python"
 APP_DIR = REPO / "monailabel_app"
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 240
@@ -62,7 +63,7 @@ def _request(url: str, method: str = "GET", timeout: float = 30.0) -> tuple[int,
 @pytest.fixture(scope="module")
 def label_python() -> Path:
     if not LABEL_PYTHON.exists():
-        msg = f"{LABEL_PYTHON.parent.parent} not built (make label-env)"
+        msg = f"{LABEL_VENV} not built (make label-env)"
         if _required():
             pytest.fail(msg + " and MONAI_COVID_LABEL_TEST=1")
         pytest.skip(msg + "; set MONAI_COVID_LABEL_TEST=1 to require it")
