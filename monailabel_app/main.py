@@ -13,18 +13,16 @@ Infer tasks (``/info`` lists those whose bundle weights are present):
 - ``cxr_infection``: chest X-ray infection mask, label ``infection`` = 1, with the COVID-19 call (JSON), for PNG/JPEG.
 
 Inference only: the app has no trainers, no active-learning strategy beyond MONAI Label's random one, and downloads
-nothing. Weights are read from ``bundles/`` of this repository (``--conf bundles DIR`` or ``MONAI_COVID_BUNDLES``
-point elsewhere).
+nothing. Weights are read from ``bundles/`` of this repository (the environment variable ``MONAI_COVID_BUNDLES``
+points elsewhere).
 
-Conf keys (``--conf KEY VALUE``): ``bundles`` (folder of the bundles), ``models`` (comma-separated task names to
-serve; default all present), ``skip_trainers`` (accepted for compatibility with MONAI Label's sample apps; there are no
-trainers here anyway).
+Conf keys (``--conf KEY VALUE``): ``models`` (comma-separated task names to serve; default all present),
+``skip_trainers`` (accepted for compatibility with MONAI Label's sample apps; there are no trainers here anyway).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +54,8 @@ class MonaiCovidApp(MONAILabelApp):
         from monai_covid.batch import bundles_dir
 
         conf = conf or {}
-        self.bundles = Path(conf.get("bundles") or os.environ.get("MONAI_COVID_BUNDLES") or bundles_dir())
+        # the same folder monai_covid.batch.ModelSet loads from (MONAI_COVID_BUNDLES overrides the repo's bundles/)
+        self.bundles = bundles_dir()
         wanted = conf.get("models", "").strip()
         self.wanted = {m.strip() for m in wanted.split(",") if m.strip()} or None
         super().__init__(
@@ -75,15 +74,21 @@ class MonaiCovidApp(MONAILabelApp):
         return self.bundles / BUNDLES[name][0]
 
     def init_infers(self) -> dict[str, InferTask]:
-        tasks: dict[str, InferTask] = {}
-        for task, (name, paper) in LESION_TASKS.items():
-            tasks[task] = LesionSegmentation(name, self._bundle(name), paper)
-        tasks["lung"] = LungMask()
-        tasks["covid_resnextplus"] = CovidClassification("resnextplus", self._bundle("resnextplus"))
-        tasks["cxr_infection"] = CXRInfection("cxr", self._bundle("cxr"))
-        served = {}
-        for name, task in tasks.items():
+        makers: dict[str, Any] = {
+            task: (lambda name=name, paper=paper: LesionSegmentation(name, self._bundle(name), paper))
+            for task, (name, paper) in LESION_TASKS.items()
+        }
+        makers["lung"] = LungMask
+        makers["covid_resnextplus"] = lambda: CovidClassification("resnextplus", self._bundle("resnextplus"))
+        makers["cxr_infection"] = lambda: CXRInfection("cxr", self._bundle("cxr"))
+        served: dict[str, InferTask] = {}
+        for name, make in makers.items():
             if self.wanted is not None and name not in self.wanted:
+                continue
+            try:
+                task = make()
+            except Exception as e:  # a broken bundle must not take the other models down with it
+                logger.error(f"+++ not serving {name}: {type(e).__name__}: {e}")
                 continue
             if not task.is_valid():
                 logger.info(f"+++ not serving {name}: no weights under {self.bundles}")
