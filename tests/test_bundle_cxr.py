@@ -1,0 +1,146 @@
+"""The CXR infection-map bundle through monai.bundle's ConfigWorkflow on a few real shared X-rays."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from monai.bundle import ConfigWorkflow
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_infection_map_unet"
+CONFIGS = BUNDLE / "configs"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Several torch threads on a shared 2-core machine spin against each other; restore after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_metadata_validates(tmp_path, repo_root):
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "schema.json"  # the vendored schema is read-only: verify against a copy
+    shutil.copy(repo_root / "schemas" / "meta_schema_20240725.json", schema)
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))  # raises when invalid
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+
+
+def test_shipped_weights_fp16_within_budget():
+    path = BUNDLE / "models" / "model.pt"
+    assert path.stat().st_size < 6 * 2**20
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    floats = [v for v in sd.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+
+
+def test_train_two_iterations(shared_data, tmp_path):
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(shared_data),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        # 4 training and 3 validation X-rays of every class; batch 2 -> 2 iterations
+        train_datalist="$make_datalist('cxr_infection', @dataset_dir, fold=0, part='train')[::140]",
+        val_datalist="$(lambda v: v[:1] + v[80:81] + v[110:111])(make_datalist('cxr_infection', @dataset_dir, fold=0, part='val'))",
+        batch_size=2,
+        max_epochs=1,
+        image_size=[64, 64],
+    )
+    wf.initialize()
+    get = wf.parser.get_parsed_content
+    assert len(get("train_datalist")) == 4
+    assert {d["class_name"] for d in get("val_datalist")} == {"covid", "non_covid", "normal"}
+    wf.run()
+    trainer = get("train#trainer")
+    assert trainer.state.iteration == 2 and np.isfinite(float(trainer.state.output[0]["loss"]))
+    dice = get("validate#evaluator").state.metrics["val_mean_dice"]
+    assert 0.0 <= dice <= 1.0
+    wf.finalize()
+    sd = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert sd["encoder.conv0.weight"].dtype == torch.float16
+
+
+def _input_folder(shared_data: Path, tmp_path: Path) -> Path:
+    src = tmp_path / "in"
+    src.mkdir()
+    root = shared_data / "cxr_infection" / "train"
+    for cls in ("covid", "normal"):
+        shutil.copy(sorted((root / cls / "images").glob("*.png"))[0], src)
+    # a smaller, non-square RGB JPEG of a real X-ray: outputs follow the input's size
+    im = Image.open(sorted((root / "non_covid" / "images").glob("*.png"))[0]).convert("RGB").resize((200, 180))
+    im.save(src / "rgb xray.jpg", quality=95)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return src
+
+
+def test_inference_outputs(shared_data, tmp_path, capfd):
+    src, out = _input_folder(shared_data, tmp_path), tmp_path / "out"
+    before = sorted(p.name for p in src.iterdir())
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="infer",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(src),
+        output_dir=str(out),
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    err = capfd.readouterr().err
+    assert f"error: {src / 'broken.png'}" in err
+    assert sorted(p.name for p in src.iterdir()) == before  # nothing written into the input folder
+
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "covid_probability", "covid_detected", "infected_area_percent"]
+    assert sorted(r["image"] for r in rows) == sorted(p for p in before if p != "broken.png")
+    for r in rows:
+        stem = Path(r["image"]).stem
+        size = Image.open(src / r["image"]).size
+        seg_im, map_im = Image.open(out / f"{stem}_seg.png"), Image.open(out / f"{stem}_map.png")
+        assert seg_im.size == map_im.size == size and seg_im.mode == "L" and map_im.mode == "RGBA"
+        seg, rgba = np.asarray(seg_im), np.asarray(map_im)
+        assert set(np.unique(seg)) <= {0, 255}
+        p = float(r["covid_probability"])
+        assert 0.0 <= p <= 1.0 and int(r["covid_detected"]) == int(p >= 0.5) == int(seg.max() == 255)
+        assert float(r["infected_area_percent"]) == pytest.approx(100 * (seg > 0).mean(), abs=0.01)
+        assert (rgba[seg > 0, 3] == 255).all()  # every segmented pixel is shown on the map
+        grey = rgba[rgba[..., 3] == 0, :3]
+        assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()  # hidden pixels keep the X-ray
+
+
+def test_evaluate_on_real_validation_images(shared_data, tmp_path):
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")],
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="eval",
+        bundle_root=str(BUNDLE),
+        dataset_dir=str(shared_data),
+        output_dir=str(tmp_path),
+        val_datalist="$make_datalist('cxr_infection', @dataset_dir, fold=0, part='val')[::20]",
+    )
+    wf.initialize()
+    wf.run()
+    res = json.loads((tmp_path / "metrics.json").read_text())
+    px, det = res["pixel_level_on_positive_images"], res["image_level_detection"]
+    assert res["n_images"] == 7 and det["tp"] + det["fn"] == 4  # 4 COVID, 3 control X-rays in this subset
+    assert px["n"] == 4 * 256 * 256  # pixels counted at the masks' own size
+    assert px["f1_ci"] == pytest.approx(1.96 * np.sqrt(px["f1"] * (1 - px["f1"]) / px["n"]))
+    assert px["f1"] > 0.5 and det["sensitivity"] >= 0.75  # floors well below the fold-0 figures in the docs
+    assert res["ms_per_image"] > 0
