@@ -288,72 +288,54 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
 
 def process_image_case(job: Job, models: ModelSet, out_dir: Path, modality: str) -> dict[str, Any]:
     """A 2D image: CT slice (``--modality ct``, lesion model) or chest X-ray (``cxr``, infection-map model)."""
+    path = Path(job.case.path)
+    if modality != "ct":
+        return _run_cxr(models, path, out_dir)
     from PIL import Image
 
-    path = Path(job.case.path)
     try:
         with Image.open(path) as im:
             gray = np.asarray(im.convert("L"), dtype=np.float32)
     except Exception as e:
         raise InputError(path, f"not a readable image ({type(e).__name__})") from None
-    outputs: dict[str, str] = {}
-    record: dict[str, Any] = {"n_slices": 1, "shape_zyx": [1, *gray.shape]}
-    if modality == "ct":
-        if not models.lesion_name:
-            raise InputError(path, "no lesion model selected for a CT slice")
-        from monai_covid.inference.lesion import segment_slices
+    if not models.lesion_name:
+        raise InputError(path, "no lesion model selected for a CT slice")
+    from monai_covid.inference.lesion import segment_slices
 
-        mask = segment_slices(models.net(models.lesion_name), [gray / 255.0], device=models.device)[0]
-        atomic_save_png(out_dir / "lesion_seg.png", (mask > 0).astype(np.uint8) * 255)
-        outputs["lesion_seg"] = "lesion_seg.png"
-        record["lesion_percent_of_image"] = round(100.0 * float(mask.mean()), 3)
-        g = gray.astype(np.uint8)
-        rgb = np.stack([g, g, g], -1).astype(np.float32)
-        m = mask.astype(bool)
-        rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([255, 30, 30])
-        atomic_save_png(out_dir / "overlay.png", rgb.astype(np.uint8))
-        outputs["overlay"] = "overlay.png"
-    else:
-        record.update(_run_cxr(models, gray, out_dir, outputs))
-    record["outputs"] = outputs
-    return record
+    mask = segment_slices(models.net(models.lesion_name), [gray / 255.0], device=models.device)[0]
+    atomic_save_png(out_dir / "lesion_seg.png", (mask > 0).astype(np.uint8) * 255)
+    g = gray.astype(np.uint8)
+    rgb = np.stack([g, g, g], -1).astype(np.float32)
+    m = mask.astype(bool)
+    rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([255, 30, 30])
+    atomic_save_png(out_dir / "overlay.png", rgb.astype(np.uint8))
+    return {"n_slices": 1, "shape_zyx": [1, *gray.shape], "lesion_percent_of_image": round(100.0 * float(mask.mean()), 3),
+            "outputs": {"lesion_seg": "lesion_seg.png", "overlay": "overlay.png"}}
 
 
-def _run_cxr(models: ModelSet, gray: np.ndarray, out_dir: Path, outputs: dict[str, str]) -> dict[str, Any]:
+def _run_cxr(models: ModelSet, path: Path, out_dir: Path) -> dict[str, Any]:
+    """A chest X-ray (PNG/JPEG or DICOM CR/DX) through the infection-map model."""
     if not models.has("cxr"):
-        raise InputError(out_dir.name, "chest X-ray case but the cxr model is not installed or not selected")
-    from monai_covid.infection_map import predict_cxr
+        raise InputError(path, "chest X-ray case but the cxr model is not installed or not selected")
+    from monai_covid.infection_map import predict_cxr, read_xray
 
-    res = predict_cxr(models.net("cxr"), gray, device=models.device)
+    try:
+        image = read_xray(path)
+    except (ValueError, OSError) as e:
+        raise InputError(path, f"not a readable X-ray ({e})") from None
+    size = tuple(models.config("cxr", "image_size", [160, 160]))
+    threshold = float(models.config("cxr", "threshold", 0.5))
+    res = predict_cxr(models.net("cxr"), image, device=models.device, image_size=size, threshold=threshold)
     atomic_save_png(out_dir / "infection_seg.png", res["seg"])
     atomic_save_png(out_dir / "infection_map.png", res["map"])
-    atomic_save_png(out_dir / "overlay.png", res["map"][..., :3] if res["map"].ndim == 3 else res["map"])
-    outputs.update({"infection_seg": "infection_seg.png", "infection_map": "infection_map.png", "overlay": "overlay.png"})
-    return {"covid_probability": round(float(res["covid_probability"]), 4),
-            "covid_detected": int(res["covid_detected"]),
-            "infected_area_percent": round(float(res["infected_area_percent"]), 3)}
-
-
-def _dicom_cxr_case(job: Job, models: ModelSet, out_dir: Path) -> dict[str, Any]:
-    import pydicom
-
-    f = job.case.series.files[0]
-    try:
-        ds = pydicom.dcmread(f)
-        arr = ds.pixel_array.astype(np.float32)
-    except Exception as e:
-        raise InputError(f, f"pixel data cannot be decoded ({type(e).__name__})") from None
-    if arr.ndim != 2:
-        raise InputError(f, f"expected a single 2D X-ray, got pixel array of shape {arr.shape}")
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        arr = arr.max() - arr
-    lo, hi = np.percentile(arr, [0.5, 99.5])
-    gray = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255.0
-    outputs: dict[str, str] = {}
-    record = {"n_slices": 1, "shape_zyx": [1, *arr.shape]}
-    record.update(_run_cxr(models, gray, out_dir, outputs))
-    record["outputs"] = outputs
-    return record
+    return {
+        "n_slices": 1,
+        "shape_zyx": [1, *image.shape],
+        "covid_probability": round(float(res["covid_probability"]), 4),
+        "covid_detected": int(res["covid_detected"]),
+        "infected_area_percent": round(float(res["infected_area_percent"]), 3),
+        "outputs": {"infection_seg": "infection_seg.png", "infection_map": "infection_map.png", "overlay": "infection_map.png"},
+    }
 
 
 def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
@@ -368,7 +350,7 @@ def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
         if job.case.kind == "image":
             record = process_image_case(job, models, out_dir, args.modality)
         elif modality == "cxr":
-            record = _dicom_cxr_case(job, models, out_dir)
+            record = _run_cxr(models, Path(job.case.series.files[0]), out_dir)
         else:
             if job.case.series is not None and job.case.series.modality not in ("CT", "OT", ""):
                 raise InputError(job.case.path, f"modality {job.case.series.modality} is not CT; the CT models do not apply")

@@ -348,3 +348,38 @@ class InfectionMapWriter:
         atomic_write_csv(self.output_dir / self.csv_name, self.rows, self.CSV_COLUMNS)
         n_pos = sum(int(r["covid_detected"]) for r in self.rows)
         print(f"{len(self.rows)} X-rays -> {self.output_dir}: {n_pos} detected as COVID-19", flush=True)
+
+
+def predict_cxr(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    device: str | torch.device = "cpu",
+    image_size: tuple[int, int] = (160, 160),
+    threshold: float = 0.5,
+    zero_below: float = 0.01,
+) -> dict[str, Any]:
+    """One X-ray ``(H, W)`` in [0, 1] through the infection U-Net, as ``inference.json`` does it.
+
+    Resized to ``image_size`` (bilinear, anti-aliased), sigmoid, probability resized back to ``(H, W)``. Returns
+    ``prob`` (float32 ``(H, W)``), ``seg`` (uint8 0/255), ``map`` (RGBA uint8, :func:`infection_map`),
+    ``covid_probability``, ``covid_detected`` and ``infected_area_percent``.
+    """
+    import torch.nn.functional as F
+    from monai.transforms import Resize
+
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"predict_cxr expects one (H, W) image, got shape {img.shape}")
+    x = Resize(spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True)(torch.from_numpy(img)[None])
+    x = torch.as_tensor(x).float()[None].to(device)
+    with torch.no_grad():
+        p = torch.sigmoid(net(x).float())
+    prob = F.interpolate(p, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    return {
+        "prob": prob,
+        "seg": np.where(prob >= threshold, 255, 0).astype(np.uint8),
+        "map": infection_map(prob, img, zero_below),
+        "covid_probability": covid_probability(prob),
+        "covid_detected": covid_detected(prob, threshold),
+        "infected_area_percent": infected_area_percent(prob, threshold),
+    }

@@ -166,3 +166,47 @@ def test_ct_png_slices_and_id_collisions(shared_data, tmp_path):
     for r in rows:
         seg = np.asarray(Image.open(tmp_path / "out" / r["case_id"] / "lesion_seg.png"))
         assert seg.shape == np.asarray(Image.open(img)).shape[:2] and set(np.unique(seg)) <= {0, 255}
+
+
+def test_cxr_png_and_dicom_dx(shared_data, tmp_path):
+    """X-rays: PNG with --modality cxr, and a DICOM DX found by modality; infection map + COVID call in the report."""
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    src = shared_data / "cxr_infection" / "train" / "covid" / "images"
+    covid_png = sorted(src.glob("*.png"))[0]
+    shutil.copyfile(covid_png, inp / "covid.png")
+    arr = np.asarray(Image.open(covid_png).convert("L"))
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = arr.tobytes()
+    (inp / "dx").mkdir()
+    ds.save_as(inp / "dx" / "xray.dcm", enforce_file_format=True)
+    rc = main(["infer", str(inp), str(tmp_path / "out"), "--modality", "cxr", "--models", "cxr", "--quiet"])
+    assert rc == 0
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"covid", "dx"} and all(r["modality"] == "cxr" for r in rows.values())
+    for cid in rows:
+        m = np.asarray(Image.open(tmp_path / "out" / cid / "infection_map.png"))
+        seg = np.asarray(Image.open(tmp_path / "out" / cid / "infection_seg.png"))
+        assert m.shape == (*arr.shape, 4) and seg.shape == arr.shape and set(np.unique(seg)) <= {0, 255}
+        res = json.loads((tmp_path / "out" / cid / "result.json").read_text())
+        assert 0.0 <= res["covid_probability"] <= 1.0
+        assert res["covid_detected"] == int(res["covid_probability"] >= 0.5)
+        # where the map is transparent the probability is ~0; an infected area implies opaque pixels
+        assert (res["infected_area_percent"] > 0) <= (m[..., 3] == 255).any()
+    # the same pixels through PNG and DICOM give the same call
+    assert float(rows["covid"]["covid_probability"]) == pytest.approx(float(rows["dx"]["covid_probability"]), abs=0.02)
