@@ -19,7 +19,6 @@ image (their window is unknown), tone mapped, and get a lung mask from the lead'
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time

