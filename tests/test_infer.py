@@ -210,3 +210,29 @@ def test_cxr_png_and_dicom_dx(shared_data, tmp_path):
         assert (res["infected_area_percent"] > 0) <= (m[..., 3] == 255).any()
     # the same pixels through PNG and DICOM give the same call
     assert float(rows["covid"]["covid_probability"]) == pytest.approx(float(rows["dx"]["covid_probability"]), abs=0.02)
+
+
+def test_torchrun_shards_cases_and_merges_report(tmp_path):
+    """torchrun with 2 CPU ranks (gloo): each case processed once, one merged report in input order."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.corpus.make_corpus import _chest_phantom, _nifti
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        _nifti(_chest_phantom(), inp / f"ct{i}.nii.gz")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "monai_covid.cli", "infer", str(inp), str(tmp_path / "out"),
+           "--models", "asegnet", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "out" / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [x["case_id"] for x in rows] == ["ct0", "ct1", "ct2"] and all(x["status"] == "ok" for x in rows)
+    assert all((tmp_path / "out" / f"ct{i}" / "result.json").is_file() for i in range(3))
