@@ -85,7 +85,9 @@ def test_inference_on_real_p001(shared_data: Path, tmp_path: Path) -> None:
     scores = np.array([float(r["slice_score"]) for r in rows])
     assert ((scores >= 0) & (scores <= 1)).all()
     thr = json.loads((CONFIGS / "inference.json").read_text())["postprocessing"]["slice_threshold"]
-    assert [int(r["slice_covid"]) for r in rows] == [int(s >= thr) for s in scores]
+    clear = np.abs(scores - thr) > 1e-4  # the CSV rounds scores to 4 decimals; calls were made before rounding
+    calls = np.array([int(r["slice_covid"]) for r in rows])
+    assert (calls[clear] == (scores[clear] >= thr)).all()
     png = out / "P001_slices.png"
     assert png.is_file() and 5_000 < png.stat().st_size < 300_000
     assert not any(p.is_file() and not p.is_symlink() for p in data.iterdir())  # nothing written into the input
