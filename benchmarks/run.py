@@ -8,6 +8,9 @@ Keys (``--json``):
 - ``plain_monai_seconds_per_series`` and ``speedup_vs_plain_monai``: the same network and outputs through a plain
   MONAI pipeline (LoadImage with ITKReader, ScaleIntensityRange, SliceInferer with a default sliding window at native
   resolution, SaveImage for the masks; the same lung mask and DICOM SEG writer), measured in the same run;
+- ``startup_seconds``: the fixed part of that (interpreter and imports), paid once per batch, not per series;
+- ``stage_*_s``: where the time of the case goes (decode, lung mask, lesion segmentation, NIfTI, DICOM SEG, overlay),
+  timed in-process;
 - ``cache_speedup``: one training epoch with CacheDataset against plain Dataset, same transforms and data: 2D lesion
   training on slices sampled from the CT series (decode, HU window and resize cached; sampling and flips random);
 - ``peak_rss_gb``: peak resident memory of ``monai-covid infer`` on a synthetic 630x630x300 CT volume;
@@ -155,6 +158,34 @@ def cache_benchmark(series: list[Path], epochs: int = 2) -> dict[str, float]:
             "cache_speedup": t_plain / t_cache}
 
 
+def stage_profile(series_dir: Path) -> dict[str, float]:
+    """Where the time of one CT case goes: seconds per stage of ``process_ct_case``, run in this process (warm)."""
+    from data_prep.io import read_volume, write_like
+    from data_prep.lung import lung_mask
+    from monai_covid.batch import ModelSet, overlay_montage, write_dicom_seg
+
+    models = ModelSet(["asegnet"], device="cpu")
+    models.net("asegnet")  # load the weights outside the timings
+    stages: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        stages[f"stage_{name}_s"] = time.perf_counter() - t0
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        vol = timed("decode", read_volume, series_dir)
+        lung = timed("lung_mask", lung_mask, vol.array, vol.spacing)
+        lesion = timed("lesion_seg", models.segment_lesions, vol.array, lung).astype(bool) & lung
+        timed("write_nifti", lambda: (write_like(lung.astype(np.uint8), vol, tmp / "l.nii.gz"),
+                                      write_like(lesion.astype(np.uint8), vol, tmp / "s.nii.gz")))
+        timed("dicom_seg", write_dicom_seg, lesion, vol, tmp / "seg.dcm", "asegnet")
+        timed("overlay", overlay_montage, vol.array, lung, lesion)
+    return stages
+
+
 def synthetic_ct(path: Path, shape=(300, 630, 630)) -> None:
     import SimpleITK as sitk
 
@@ -177,7 +208,7 @@ def gpu_throughput(n: int = 512) -> dict[str, float | None]:
         return {"gpu_slices_per_s_lesion_amp": None, "gpu_slices_per_s_detector_amp": None}
     from monai_covid.inference.lesion import load_bundle_network, segment_volume
 
-    net = load_bundle_network(BUNDLE, "cuda").to(memory_format=torch.channels_last)
+    net = load_bundle_network(BUNDLE, "cuda")  # channels-last on CUDA
     hu = np.random.default_rng(0).normal(-500, 300, size=(n, 512, 512)).astype(np.float32)
     segment_volume(net, hu[:32], None, device="cuda", batch_size=32)
     torch.cuda.synchronize()
@@ -226,10 +257,15 @@ def main() -> int:
         _infer(inp, tmp / "warm")  # warm the file cache and imports once
         sec, _ = _infer(inp, tmp / "out")
         res["e2e_seconds_per_series"] = sec * 150 / n
+        t0 = time.perf_counter()  # the fixed cost in that time: interpreter, torch/monai/highdicom imports
+        subprocess.run([sys.executable, "-c", "import monai_covid.batch, data_prep.lung, monai.inferers, highdicom"],
+                       check=True, capture_output=True)
+        res["startup_seconds"] = time.perf_counter() - t0
         res["series_slices"] = n
         plain = plain_monai_pipeline(inp / series.name, tmp / "plain")
         res["plain_monai_seconds_per_series"] = plain * 150 / n
         res["speedup_vs_plain_monai"] = plain / sec
+        res.update(stage_profile(inp / series.name))
         cache_series = [series, series] if a.quick else [data / "ct_dicom" / "P001", data / "ct_dicom" / "normal001"]
         res.update(cache_benchmark(cache_series, epochs=1 if a.quick else 2))
         big = tmp / "big"

@@ -62,7 +62,7 @@ def load_bundle_network(
     """The network of a bundle (``network_def`` of ``configs/inference.json``) with ``models/model.pt`` loaded.
 
     The weights are a plain state_dict (fp16 in the repo), read with ``weights_only=True`` and cast to float32.
-    Returns the network on ``device`` in eval mode.
+    Returns the network on ``device`` in eval mode (channels-last on CUDA, where convolutions are faster with AMP).
     """
     from monai.bundle import ConfigParser
 
@@ -77,7 +77,9 @@ def load_bundle_network(
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v.float() if torch.is_floating_point(v) else v for k, v in state.items()}
     net.load_state_dict(state)
-    return net.to(torch.device(device)).eval()
+    device = torch.device(device)
+    net = net.to(device).eval()
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
 def _softmax(net: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: bool, tta: bool) -> torch.Tensor:
@@ -96,7 +98,10 @@ def _predict(
     """Lesion probability ``(N, H, W)`` of a ``(N, 1, H, W)`` batch, ``batch_size`` slices at a time."""
     out = []
     for i in range(0, batch.shape[0], batch_size):
-        out.append(_softmax(net, batch[i : i + batch_size].to(device), device, amp, tta)[:, 1].cpu())
+        x = batch[i : i + batch_size].to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(_softmax(net, x, device, amp, tta)[:, 1].cpu())
     return torch.cat(out)
 
 
