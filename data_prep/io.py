@@ -443,13 +443,19 @@ def find_cases(root: str | os.PathLike, include_images: bool = False) -> list[Ca
         elif include_images and name.endswith(IMAGE_SUFFIXES):
             cases.append(Case("image", str(p), rel))
     series, errors = find_dicom_series(root)
+    used: set[str] = set()
     for s in series:
         rel_folder = os.path.relpath(s.folder, root) if root.is_dir() else Path(s.folder).name
+        label = f"series_{s.headers[0].get('SeriesNumber', '') or series.index(s) + 1}"
         if rel_folder == ".":
-            rel_folder = f"series_{s.headers[0].get('SeriesNumber', '') or len(cases)}"
-        if len([x for x in series if x.folder == s.folder]) > 1:
-            rel_folder = f"{rel_folder}/series_{s.headers[0].get('SeriesNumber', '') or series.index(s)}"
-        cases.append(Case("dicom", s.folder, rel_folder, series=s))
+            rel_folder = label
+        elif len([x for x in series if x.folder == s.folder]) > 1:
+            rel_folder = f"{rel_folder}/{label}"
+        rel, k = rel_folder, 2
+        while rel in used:  # two series of one folder with the same SeriesNumber: series_4, series_4_2, ...
+            rel, k = f"{rel_folder}_{k}", k + 1
+        used.add(rel)
+        cases.append(Case("dicom", s.folder, rel, series=s))
     for e in errors:
         rel = os.path.relpath(e.path, root) if root.is_dir() else Path(e.path).name
         cases.append(Case("dicom", e.path, rel, error=str(e)))

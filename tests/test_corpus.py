@@ -71,6 +71,7 @@ def test_every_case_reported_as_expected(corpus_run):
             assert (corpus_run["out"] / r["case_id"] / "result.json").is_file()
     # the folder holding two series yields two processed cases
     assert len(by_top["dicom_two_series_one_folder"]) == 2
+    assert len({r["source"] for r in by_top["dicom_two_series_one_folder"]}) == 2  # told apart in the report
     assert corpus_run["proc"].returncode == 1
 
 
