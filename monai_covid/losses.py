@@ -1,4 +1,5 @@
-"""Segmentation losses of the A-SegNet paper: Dice, Tversky and focal Tversky.
+"""Segmentation losses of the A-SegNet paper (Dice, Tversky, focal Tversky) and the co-supervision loss of the
+Co-supervision ResUnet paper (segmentation + edge + auxiliary semantic terms).
 
 Budak et al., "Efficient COVID-19 Segmentation from CT Slices Exploiting Semantic Segmentation with Integrated
 Attention Mechanism", J Digit Imaging (2021), section "Loss Function" (Eqs. 4-8); focal Tversky from Abraham & Khan,
@@ -15,10 +16,15 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
-from monai.losses import DiceLoss, TverskyLoss
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch.nn.functional as F
+
+from monai.losses import DiceCELoss, DiceLoss, TverskyLoss
 from monai.utils import LossReduction
 
-__all__ = ["FocalTverskyLoss", "segmentation_loss"]
+__all__ = ["FocalTverskyLoss", "segmentation_loss", "morphological_edge", "downsample_mask", "CoSupervisionLoss"]
 
 
 class FocalTverskyLoss(_Loss):
@@ -97,3 +103,84 @@ def segmentation_loss(name: str = "focal_tversky", **kwargs) -> _Loss:
     if name == "focal_tversky":
         return FocalTverskyLoss(**kwargs)
     raise ValueError(f"unknown loss {name!r}; choose dice, tversky or focal_tversky")
+
+
+def _max_pool(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    pool = F.max_pool2d if x.ndim == 4 else F.max_pool3d
+    return pool(x, kernel_size, stride=1, padding=kernel_size // 2)
+
+
+def morphological_edge(mask: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """Lesion boundaries of a binary mask ``(B, 1, *spatial)``: the morphological gradient, dilation minus erosion
+    with a ``kernel_size`` square (cube) structuring element; same shape and dtype, values 0/1.
+
+    With ``kernel_size=3`` the edge is two pixels wide: the outermost pixels of each lesion and the background
+    pixels touching it. The image border does not count as a boundary (padding never erodes or dilates).
+    """
+    if kernel_size < 3 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+    m = (mask > 0.5).to(torch.float32)
+    edge = _max_pool(m, kernel_size) - (-_max_pool(-m, kernel_size))
+    return edge.to(mask.dtype)
+
+
+def downsample_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A binary mask ``(B, 1, *spatial)`` at a coarser ``size``: area average, then majority (>= 0.5), 0/1."""
+    frac = F.interpolate((mask > 0.5).to(torch.float32), size=tuple(size), mode="area")
+    return (frac >= 0.5).to(mask.dtype)
+
+
+class CoSupervisionLoss(_Loss):
+    """Co-supervision loss of the Co-supervision ResUnet (Hu et al., Pattern Recognition 2022, arXiv:2112.10368)::
+
+        L = L_seg(seg, y) + edge_weight * L_edge(edge, grad(y)) + aux_weight * mean_k L_seg(aux_k, down_k(y))
+
+    ``grad(y)`` is :func:`morphological_edge` of the label and ``down_k(y)`` the label down-sampled to the size of
+    auxiliary head ``k`` (:func:`downsample_mask`): every target is derived from the lesion mask, so the bundle's data
+    and transforms are those of any segmentation bundle. The paper's abstract gives neither the terms nor the weights;
+    the defaults are Dice + cross-entropy for the segmentation and auxiliary heads and Dice + binary cross-entropy for
+    the (sparse) edge map, both weights 0.5.
+
+    Args:
+        edge_weight: weight of the edge term; 0 removes it.
+        aux_weight: weight of the auxiliary term; 0 removes it.
+        edge_kernel_size: structuring element of the morphological gradient.
+        seg_loss: loss of the segmentation and auxiliary heads, ``(logits (B, C, ...), label (B, 1, ...))``;
+            default ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        edge_loss: loss of the edge head, ``(logits (B, 1, ...), edge (B, 1, ...))``; default
+            ``DiceCELoss(sigmoid=True)``.
+
+    ``input``: the training-mode output of :class:`monai_covid.networks.cosup_resunet.CoSupResUnet` (a dict with
+    ``"seg"`` and, where the modules are on, ``"edge"`` and ``"aux"``) or a plain ``(B, C, ...)`` tensor (segmentation
+    term only). ``target``: the label ``(B, 1, *spatial)``, 0/1.
+    """
+
+    def __init__(
+        self,
+        edge_weight: float = 0.5,
+        aux_weight: float = 0.5,
+        edge_kernel_size: int = 3,
+        seg_loss: _Loss | None = None,
+        edge_loss: _Loss | None = None,
+    ) -> None:
+        super().__init__()
+        self.edge_weight, self.aux_weight, self.edge_kernel_size = float(edge_weight), float(aux_weight), edge_kernel_size
+        self.seg_loss = seg_loss if seg_loss is not None else DiceCELoss(to_onehot_y=True, softmax=True)
+        self.edge_loss = edge_loss if edge_loss is not None else DiceCELoss(sigmoid=True)
+
+    def terms(self, input: torch.Tensor | Mapping[str, Any], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unweighted terms present: ``"seg"`` always, ``"edge"`` / ``"aux"`` where the head exists and its
+        weight is not 0."""
+        out = input if isinstance(input, Mapping) else {"seg": input}
+        terms = {"seg": self.seg_loss(out["seg"], target)}
+        if self.edge_weight != 0 and out.get("edge") is not None:
+            terms["edge"] = self.edge_loss(out["edge"], morphological_edge(target, self.edge_kernel_size))
+        if self.aux_weight != 0 and out.get("aux"):
+            aux = [self.seg_loss(a, downsample_mask(target, a.shape[2:])) for a in out["aux"]]
+            terms["aux"] = torch.stack(aux).mean()
+        return terms
+
+    def forward(self, input: torch.Tensor | Mapping[str, Any], target: torch.Tensor) -> torch.Tensor:
+        t = self.terms(input, target)
+        weights = {"seg": 1.0, "edge": self.edge_weight, "aux": self.aux_weight}
+        return sum(weights[k] * v for k, v in t.items())
