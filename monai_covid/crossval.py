@@ -10,7 +10,10 @@ and ``cv_results.md`` (per fold and mean +- sd over folds) into ``--docs_dir``::
         --jobs 2 --work_dir /tmp/asegnet_cv
 
 ``--final`` then trains the shipped model on all slices for the median best epoch of the CV and saves it as an
-fp16 state_dict to ``models/model.pt``. Only the CT lesion variants are defined here (``VARIANTS``).
+fp16 state_dict to ``models/model.pt``. The variants of each CT lesion bundle are defined here (``VARIANTS``)::
+
+    python -m monai_covid.crossval bundles/covid_ct_lesion_cosup_resunet \\
+        --variants cosup resunet cosup_no_edge cosup_no_aux cosup_no_fusion --jobs 2 --work_dir /tmp/cosup_cv
 """
 
 from __future__ import annotations
@@ -28,29 +31,54 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VARIANTS", "train_one", "score_fold", "per_image_scores", "summarise", "main"]
+__all__ = ["VARIANTS", "bundle_variants", "train_one", "score_fold", "per_image_scores", "summarise", "main"]
 
-#: config overrides of the variants compared in the CV table (on top of train.json)
-VARIANTS: dict[str, dict[str, Any]] = {
-    "asegnet": {},
-    "segnet": {"network_def#attention": False},
-    "attention_unet": {
-        "network_def": {
-            "_target_": "AttentionUnet",
-            "spatial_dims": 2,
-            "in_channels": 1,
-            "out_channels": 2,
-            "channels": [8, 16, 32, 64, 128],
-            "strides": [2, 2, 2, 2],
-        }
+#: per bundle (folder name): the variants compared in its CV table, as config overrides on top of its train.json;
+#: the first variant is the bundle's shipped model (its CV best epochs set the ``--final`` epoch count)
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "covid_ct_lesion_asegnet": {
+        "asegnet": {},
+        "segnet": {"network_def#attention": False},
+        "attention_unet": {
+            "network_def": {
+                "_target_": "AttentionUnet",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "out_channels": 2,
+                "channels": [8, 16, 32, 64, 128],
+                "strides": [2, 2, 2, 2],
+            }
+        },
+    },
+    "covid_ct_lesion_cosup_resunet": {
+        "cosup": {},
+        "resunet": {"network_def#edge": False, "network_def#aux": False, "network_def#fusion": False},
+        "cosup_no_edge": {"network_def#edge": False},
+        "cosup_no_aux": {"network_def#aux": False},
+        "cosup_no_fusion": {"network_def#fusion": False},
     },
 }
+#: variants whose checkpoints are also scored with flip test-time augmentation, as an extra row
+TTA_ROWS = {"asegnet": "asegnet_tta"}
 LABELS = {
     "asegnet": "A-SegNet + focal Tversky",
     "segnet": "SegNet + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
     "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
+    "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
+    "resunet": "ResUnet baseline",
+    "cosup_no_edge": "without ESM (edge)",
+    "cosup_no_aux": "without ASSM (auxiliary)",
+    "cosup_no_fusion": "without AFM (attention fusion)",
 }
+
+
+def bundle_variants(bundle: Path) -> dict[str, dict[str, Any]]:
+    """The CV variants of ``bundle`` (by its folder name), shipped model first."""
+    name = Path(bundle).resolve().name
+    if name not in VARIANTS:
+        raise SystemExit(f"no CV variants defined for bundle {name!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
 
 
 def per_image_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -231,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train_worker(argv[1], argv[2])
     p = argparse.ArgumentParser(prog="python -m monai_covid.crossval", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", type=Path)
-    p.add_argument("--variants", nargs="+", default=["asegnet"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, help="default: the bundle's shipped model (VARIANTS)")
     p.add_argument("--folds", nargs="*", type=int, default=[0, 1, 2, 3, 4], help="none: no CV (with --final)")
     p.add_argument("--n_folds", type=int, default=5)
     p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -244,14 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     bundle = a.bundle.resolve()
+    variants = bundle_variants(bundle)
+    shipped = next(iter(variants))
+    unknown = set(a.variants or []) - set(variants)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)} for {bundle.name}; choose from {list(variants)}")
     docs = (a.docs_dir or bundle / "docs").resolve()
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     common = {"dataset_dir": a.data_dir, "n_folds": a.n_folds, **extra}
     jobs = []
-    for v in a.variants:
+    for v in a.variants or [shipped]:
         for f in a.folds:
             run_dir = a.work_dir / v / f"fold{f}"
-            jobs.append(((v, f), run_dir, {**common, **VARIANTS[v], "fold": f}, a.work_dir / f"{v}_fold{f}.log"))
+            jobs.append(((v, f), run_dir, {**common, **variants[v], "fold": f}, a.work_dir / f"{v}_fold{f}.log"))
     a.work_dir.mkdir(parents=True, exist_ok=True)
     _run_all(jobs, bundle, a.jobs)
 
@@ -264,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         infos[(v, f)] = json.loads((run_dir / "train_info.json").read_text())
         per_image += [{"variant": v, **r} for r in score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds)]
-        if v == "asegnet":  # same checkpoints, mirrored test-time augmentation (an inference option)
+        if v in TTA_ROWS:  # same checkpoints, mirrored test-time augmentation (an inference option)
             rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, tta=True)
-            per_image += [{"variant": "asegnet_tta", **r} for r in rows]
+            per_image += [{"variant": TTA_ROWS[v], **r} for r in rows]
     if per_image:
         command = "python -m monai_covid.crossval " + " ".join(str(x) for x in argv)
         folds_rows, md = summarise(per_image, infos, command)
@@ -277,10 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(md, flush=True)
 
     if a.final:
-        best = [i["best_epoch"] for (v, _), i in infos.items() if v == "asegnet"]
+        best = [i["best_epoch"] for (v, _), i in infos.items() if v == shipped]
         epochs = a.final_epochs or (int(round(statistics.median(best))) if best else None)
         if not epochs:
-            raise SystemExit("--final needs --final_epochs or finished asegnet CV runs")
+            raise SystemExit(f"--final needs --final_epochs or finished {shipped} CV runs")
         run_dir = a.work_dir / "final"
         ov = {**common, "fold": None, "max_epochs": epochs, "val_interval": epochs, "early_stop_patience": epochs}
         print(f"[cv] final model: all slices, {epochs} epochs", flush=True)
