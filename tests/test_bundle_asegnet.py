@@ -13,15 +13,11 @@ from PIL import Image
 
 from monai.bundle import ConfigWorkflow, verify_net_in_out
 
+from tests.lesion_bundle import SLICES, run_inference, slice_items, synthetic_ct
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "covid_ct_lesion_asegnet"
 CONFIGS = BUNDLE / "configs"
-SLICES = ("ct_lesion_slices", "train")
-
-
-def _items(shared_data: Path, stems: list[str]) -> list[dict[str, str]]:
-    root = shared_data.joinpath(*SLICES)
-    return [{"image": str(root / "images" / f"{s}.jpg"), "label": str(root / "masks" / f"{s}.png")} for s in stems]
 
 
 def test_verify_net_in_out():
@@ -51,8 +47,8 @@ def test_train_two_iterations_then_evaluate(shared_data, tmp_path):
         "dataset_dir": str(shared_data),
         "ckpt_dir": str(tmp_path / "ckpt"),
         "output_dir": str(tmp_path / "eval"),
-        "train_datalist": _items(shared_data, ["0", "10", "2", "30"]),
-        "val_datalist": _items(shared_data, ["52", "16"]),
+        "train_datalist": slice_items(shared_data, ["0", "10", "2", "30"]),
+        "val_datalist": slice_items(shared_data, ["52", "16"]),
         "batch_size": 2,
         "max_epochs": 1,
         "device": "$torch.device('cpu')",
@@ -77,27 +73,12 @@ def test_train_two_iterations_then_evaluate(shared_data, tmp_path):
     ev.finalize()
 
 
-def _run_inference(dataset_dir: Path, output_dir: Path) -> None:
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(dataset_dir),
-        output_dir=str(output_dir),
-        device="$torch.device('cpu')",
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-
-
 def test_inference_on_real_slice(shared_data, tmp_path):
     src = shared_data.joinpath(*SLICES, "images", "10.jpg")
     inp = tmp_path / "in"
     inp.mkdir()
     shutil.copy(src, inp / "10.jpg")
-    _run_inference(inp, tmp_path / "out")
+    run_inference(BUNDLE, inp, tmp_path / "out")
     out = np.asarray(Image.open(tmp_path / "out" / "10_seg.png"))
     image = np.asarray(Image.open(src))
     assert out.shape == image.shape and out.dtype == np.uint8
@@ -110,31 +91,15 @@ def test_inference_on_real_slice(shared_data, tmp_path):
     assert sorted(p.name for p in inp.iterdir()) == ["10.jpg"]  # nothing written into the input folder
 
 
-def _synthetic_ct(n: int = 3, size: int = 630) -> np.ndarray:
-    """(z, y, x) HU: air outside, a soft-tissue body, two lungs at -850 HU, a -300 HU ground-glass blob."""
-    yy, xx = np.mgrid[:size, :size]
-    body = ((yy - size / 2) / (0.40 * size)) ** 2 + ((xx - size / 2) / (0.46 * size)) ** 2 < 1
-    lungs = np.zeros_like(body)
-    for cx in (0.32 * size, 0.68 * size):
-        lungs |= ((yy - size / 2) / (0.28 * size)) ** 2 + ((xx - cx) / (0.13 * size)) ** 2 < 1
-    blob = (yy - 0.45 * size) ** 2 + (xx - 0.30 * size) ** 2 < (0.06 * size) ** 2
-    sl = np.full((size, size), -1000.0, dtype=np.float32)
-    sl[body] = 40.0
-    sl[lungs] = -850.0
-    sl[blob & lungs] = -300.0
-    rng = np.random.default_rng(0)
-    return np.stack([sl + rng.normal(0, 15, sl.shape).astype(np.float32) for _ in range(n)])
-
-
 def test_inference_on_synthetic_nifti_preserves_geometry(tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
-    img = sitk.GetImageFromArray(_synthetic_ct().astype(np.int16))
+    img = sitk.GetImageFromArray(synthetic_ct().astype(np.int16))
     img.SetSpacing((0.62, 0.62, 5.0))
     img.SetOrigin((-195.3, -210.1, 33.5))
     img.SetDirection((1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     sitk.WriteImage(img, str(inp / "synthetic_ct.nii.gz"))
-    _run_inference(inp, tmp_path / "out")
+    run_inference(BUNDLE, inp, tmp_path / "out")
     seg = sitk.ReadImage(str(tmp_path / "out" / "synthetic_ct_seg.nii.gz"))
     assert seg.GetSize() == img.GetSize() == (630, 630, 3)
     assert np.allclose(seg.GetSpacing(), img.GetSpacing())
