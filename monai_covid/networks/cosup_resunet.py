@@ -148,7 +148,8 @@ class CoSupResUnet(nn.Module):
             if edge_feat is not None:
                 branches.append(edge_feat)
             weights = torch.softmax(self.fusion_gate(torch.cat(branches, dim=1)), dim=1)
-            feat = sum(weights[:, k : k + 1] * b for k, b in enumerate(branches))
+            # residual: the fused features add to the decoder output, so AFM starts from the baseline path
+            feat = dec[0] + sum(weights[:, k : k + 1] * b for k, b in enumerate(branches))
         seg = self.head(feat)
         if not self.training:
             return seg
