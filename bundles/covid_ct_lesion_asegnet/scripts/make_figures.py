@@ -5,6 +5,12 @@
 Writes docs/overlays.png (a CV held-out slice segmented by the model of the fold that did not see it; a real CT
 slice of P001 segmented by the shipped model), docs/intensity_window.png (grey-level histograms that justify the
 HU window) and docs/timing.json (CPU inference time per 512x512 slice, lung mask time, threads).
+
+The other CT lesion bundle, which shares this bundle's data, folds and inference path, gets the same overlay figure
+and timing (not the histogram, which justifies the HU window both use)::
+
+    python bundles/covid_ct_lesion_asegnet/scripts/make_figures.py --bundle bundles/covid_ct_lesion_cosup_resunet \
+        --variant cosup --cv_dir /tmp/cosup_cv --fold 0
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ def main() -> int:
     from monai_covid.io_utils import atomic_write_bytes, atomic_write_text
 
     p = argparse.ArgumentParser()
+    p.add_argument("--bundle", type=Path, default=BUNDLE, help="CT lesion bundle (default: this one)")
+    p.add_argument("--variant", default="asegnet", help="CV variant whose fold model is shown")
     p.add_argument("--cv_dir", type=Path, default=Path("/tmp/asegnet_cv"))
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--image", default="10.jpg", help="held-out slice of --fold to show")
@@ -61,14 +69,15 @@ def main() -> int:
     p.add_argument("--ct_slice", type=int, default=100)
     a = p.parse_args()
     torch.set_num_threads(1)
-    docs = BUNDLE / "docs"
+    bundle = a.bundle.resolve()
+    docs = bundle / "docs"
 
     # (a) held-out slice, model of the fold that did not see it
     val = make_datalist("ct_lesion_slices", a.data_dir, fold=a.fold, part="val")
     item = next(d for d in val if Path(d["image"]).name == a.image)
-    ov = json.loads((a.cv_dir / "asegnet" / f"fold{a.fold}" / "overrides.json").read_text())
-    fold_net = _network_from_overrides(BUNDLE, ov)
-    fold_net.load_state_dict(torch.load(a.cv_dir / "asegnet" / f"fold{a.fold}" / "model.pt", weights_only=True))
+    run_dir = a.cv_dir / a.variant / f"fold{a.fold}"
+    fold_net = _network_from_overrides(bundle, json.loads((run_dir / "overrides.json").read_text()))
+    fold_net.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
     fold_net.eval()
     img = np.asarray(Image.open(item["image"]).convert("L"), dtype=np.float32) / 255.0
     label = np.asarray(Image.open(item["label"]).convert("L")) > 127
@@ -76,7 +85,7 @@ def main() -> int:
     dice = 2 * np.count_nonzero(pred & label) / max(1, np.count_nonzero(pred) + np.count_nonzero(label))
 
     # (b) real CT in HU, shipped model, whole volume (timed)
-    net = load_bundle_network(BUNDLE)
+    net = load_bundle_network(bundle)
     vol = read_volume(a.ct or Path(a.data_dir) / "ct_dicom" / "P001")
     t0 = time.perf_counter()
     lung = lung_mask(vol.array, vol.spacing)
@@ -112,6 +121,9 @@ def main() -> int:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(docs / "overlays.png", buf.getvalue())
+    if bundle != BUNDLE:
+        print(json.dumps(timing, indent=1))
+        return 0
 
     # histogram: training slices vs the CT crop to the lungs, under two windows
     import glob
