@@ -18,8 +18,8 @@ CONFIGS = ("metadata", "train", "evaluate", "inference", "multi_gpu_train")
 
 def test_all_seed_bundles_present():
     names = {b.name for b in BUNDLES}
-    assert {"covid_ct_lesion_asegnet", "covid_cxr_infection_map_unet", "covid_ct_slice_ctnet",
-            "covid_ct_volume_resnextplus"} <= names
+    assert {"covid_ct_lesion_asegnet", "covid_ct_lesion_cosup_resunet", "covid_cxr_infection_map_unet",
+            "covid_ct_slice_ctnet", "covid_ct_volume_resnextplus"} <= names
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
