@@ -19,7 +19,8 @@ in ``bundles/covid_ct_lesion_cosup_resunet/docs/README.md``):
 - **Attention Fusion Module (AFM)** — "fuse multiple scale feature maps of different levels by an attention
   mechanism": the full-resolution decoder output, the 1/2 and 1/4 decoder stages (1x1-projected and up-sampled)
   and, with ESM, the edge features are weighted by per-pixel attention maps (3x3 conv-BN-ReLU, 1x1 conv, softmax
-  over the branches) and summed before the 1x1 segmentation head. Without AFM the head sees the decoder output only.
+  over the branches); the weighted sum is added to the decoder output before the 1x1 segmentation head (so AFM
+  starts from the baseline path). Without AFM the head sees the decoder output only.
 
 ``edge``, ``aux`` and ``fusion`` switch each module off (all three off: the plain ResUnet baseline). The heads of
 ESM and ASSM only exist for training; the segmentation path does not depend on them (the edge *features* do feed
