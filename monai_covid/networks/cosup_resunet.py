@@ -23,8 +23,8 @@ in ``bundles/covid_ct_lesion_cosup_resunet/docs/README.md``):
   starts from the baseline path). Without AFM the head sees the decoder output only.
 
 ``edge``, ``aux`` and ``fusion`` switch each module off (all three off: the plain ResUnet baseline). The heads of
-ESM and ASSM only exist for training; the segmentation path does not depend on them (the edge *features* do feed
-AFM).
+ESM and ASSM are only used in training (their weights stay in the state dict); the segmentation path does not
+depend on them (the edge *features* do feed AFM).
 
 Shapes: input ``(B, in_channels, H, W[, D])``, each spatial size divisible by ``2 ** (len(channels) - 1)``.
 In eval mode ``forward`` returns the segmentation logits ``(B, out_channels, H, W[, D])`` only, so the network is a
