@@ -196,11 +196,14 @@ def _is_localizer(ds) -> bool:
     return "LOCALIZER" in image_type or "SCOUT" in image_type
 
 
-def find_dicom_series(root: str | os.PathLike) -> tuple[list[DicomSeries], list[InputError]]:
+def find_dicom_series(
+    root: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+) -> tuple[list[DicomSeries], list[InputError]]:
     """All DICOM image series under ``root``, grouped by SeriesInstanceUID, and the files that failed.
 
     Non-DICOM files are ignored; non-image objects and localizers are skipped; unreadable DICOM files are
-    returned as errors (attached by :func:`find_cases` to the series of their folder).
+    returned as errors (attached by :func:`find_cases` to the series of their folder). ``skipped``, when given,
+    receives ``(path, reason)`` for every file passed over (not DICOM, localizer, non-image object).
     """
     groups: dict[str, list[tuple[Path, object]]] = {}
     errors: list[InputError] = []
@@ -213,6 +216,10 @@ def find_dicom_series(root: str | os.PathLike) -> tuple[list[DicomSeries], list[
             errors.append(e)
             continue
         if ds is None or not _is_image(ds) or _is_localizer(ds):
+            if skipped is not None:
+                why = ("not DICOM" if ds is None else "localizer" if _is_image(ds)
+                       else f"non-image DICOM object ({str(ds.get('Modality', '')) or 'no modality'})")
+                skipped.append((str(path), why))
             continue
         uid = str(ds.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}"
         groups.setdefault(uid, []).append((path, ds))
@@ -426,10 +433,13 @@ def write_like(array: np.ndarray, reference: Volume | sitk.Image, path: str | os
     return atomic_save_with(path, lambda tmp: sitk.WriteImage(img, tmp, useCompression=True))
 
 
-def find_cases(root: str | os.PathLike, include_images: bool = False) -> list[Case]:
+def find_cases(
+    root: str | os.PathLike, include_images: bool = False, skipped: list[tuple[str, str]] | None = None
+) -> list[Case]:
     """Every case under ``root``: DICOM series (by SeriesInstanceUID), NIfTI files and, optionally, 2D images.
 
-    Unreadable DICOM files are reported as failed cases of their own (``error`` set), so a batch can list them.
+    Unreadable DICOM files are reported as failed cases of their own (``error`` set), so a batch can list them;
+    files that are not cases go to ``skipped`` as ``(path, reason)`` when it is given.
     """
     root = Path(root)
     if not root.exists():
@@ -440,9 +450,12 @@ def find_cases(root: str | os.PathLike, include_images: bool = False) -> list[Ca
         rel = str(p.relative_to(root)) if p != root else p.name
         if name.endswith(NIFTI_SUFFIXES):
             cases.append(Case("nifti", str(p), rel))
-        elif include_images and name.endswith(IMAGE_SUFFIXES):
-            cases.append(Case("image", str(p), rel))
-    series, errors = find_dicom_series(root)
+        elif name.endswith(IMAGE_SUFFIXES):
+            if include_images:
+                cases.append(Case("image", str(p), rel))
+            elif skipped is not None:
+                skipped.append((str(p), "2D image: pass --modality ct or cxr to process it"))
+    series, errors = find_dicom_series(root, skipped)
     used: set[str] = set()
     for s in series:
         rel_folder = os.path.relpath(s.folder, root) if root.is_dir() else Path(s.folder).name

@@ -420,6 +420,23 @@ Red: lesions; green: lung outline. Research use only, not for diagnosis.</p>
     atomic_write_text(output / "report.html", page)
 
 
+def write_skipped(skipped: list[tuple[str, str]], inp: Path, output: Path, quiet: bool = False) -> None:
+    """``OUTPUT/skipped.csv`` (``path,reason``, paths relative to INPUT): the files under INPUT that are not cases
+    (not DICOM, localizers, non-image objects, 2D images without ``--modality``); one summary line on stderr."""
+    from collections import Counter
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, inp) if inp.is_dir() else Path(p).name
+
+    rows = [{"path": rel(p), "reason": why} for p, why in skipped]
+    atomic_write_csv(output / "skipped.csv", rows, ["path", "reason"])
+    if rows and not quiet:
+        kinds = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rows)
+        summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+        print(f"skipped {len(rows)} file(s) that are not cases ({summary}); list: {output / 'skipped.csv'}",
+              file=sys.stderr)
+
+
 def _remove_staging_files(output: Path, case_ids: list[str]) -> None:
     """Delete temporary files a killed run left behind (the atomic writers' ``.<name>.*.part*`` staging files)."""
     for folder in [output, *(output / c for c in case_ids)]:
@@ -454,7 +471,8 @@ def run_batch(args) -> int:
 
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
-    cases = find_cases(inp, include_images=args.modality is not None)
+    skipped: list[tuple[str, str]] = []
+    cases = find_cases(inp, include_images=args.modality is not None, skipped=skipped)
     if inp.is_file() and not cases:
         raise UsageError(f"{inp}: not a NIfTI file, DICOM series or image")
     jobs = _assign_ids(cases)
@@ -486,6 +504,7 @@ def run_batch(args) -> int:
         dist.barrier()
     if rank == 0:
         write_report(results, output)
+        write_skipped(skipped, inp, output, quiet=args.quiet)
         n_failed = sum(r["status"] != "ok" for r in results)
         if not args.quiet:
             total = sum(float(r.get("seconds") or 0) for r in results)

@@ -75,6 +75,17 @@ def test_every_case_reported_as_expected(corpus_run):
     assert corpus_run["proc"].returncode == 1
 
 
+def test_skipped_files_are_listed_with_a_reason(corpus_run):
+    with open(corpus_run["out"] / "skipped.csv", newline="") as f:
+        skipped = {r["path"]: r["reason"] for r in csv.DictReader(f)}
+    assert skipped["dicom_localizer/slice000.dcm"] == "localizer"
+    assert skipped["dicom_structured_report/slice000.dcm"] == "non-image DICOM object (SR)"
+    assert skipped["not_dicom/random.bin"] == "not DICOM"
+    reported = {r["source"] for r in corpus_run["rows"]}
+    assert not any(p.split("/")[0] in reported or p in reported for p in skipped)  # a file is a case or skipped
+    assert "skipped" in corpus_run["proc"].stderr and "skipped.csv" in corpus_run["proc"].stderr
+
+
 def test_no_traceback_and_no_patient_data_in_logs_or_names(corpus_run, sample_series):
     proc = corpus_run["proc"]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
