@@ -51,3 +51,16 @@ def p001_lung(p001_volume):
 def sample_series(repo_root):
     """The 30-slice real sample shipped in the repo (samples/ct_dicom/P001_slices60-89)."""
     return repo_root / "samples" / "ct_dicom" / "P001_slices60-89"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (several threads spin against each other on a shared 2-core machine and
+    run tens of times slower); the previous count is restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from monai.bundle import ConfigWorkflow
+from tests.bundle_run import run_inference  # noqa: F401  (re-exported for the lesion bundle tests)
 
 SLICES = ("ct_lesion_slices", "train")
 
@@ -16,23 +17,6 @@ def slice_items(shared_data: Path, stems: list[str]) -> list[dict[str, str]]:
     """Datalist items (image jpg, mask png) of the real training slices ``stems``."""
     root = shared_data.joinpath(*SLICES)
     return [{"image": str(root / "images" / f"{s}.jpg"), "label": str(root / "masks" / f"{s}.png")} for s in stems]
-
-
-def run_inference(bundle: Path, dataset_dir: Path, output_dir: Path) -> None:
-    """Run ``bundle/configs/inference.json`` on CPU over ``dataset_dir``."""
-    configs = bundle / "configs"
-    wf = ConfigWorkflow(
-        config_file=str(configs / "inference.json"),
-        meta_file=str(configs / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(bundle),
-        dataset_dir=str(dataset_dir),
-        output_dir=str(output_dir),
-        device="$torch.device('cpu')",
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
 
 
 def synthetic_ct(n: int = 3, size: int = 630) -> np.ndarray:

@@ -15,6 +15,7 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 
 from data_prep.datalists import ct_slices_cls_datalist, split_by_fold
+from tests.bundle_run import run_inference
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_ct_slice_ctnet"
 CONFIGS = BUNDLE / "configs"
@@ -86,19 +87,8 @@ def test_inference_with_heatmaps(shared_data: Path, tmp_path: Path, capsys) -> N
         shutil.copy(d["image"], data / Path(d["image"]).name)
     (data / "broken.png").write_bytes(b"\x89PNG truncated")
     out = tmp_path / "out"
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(data),
-        output_dir=str(out),
-        explain_occlusion=True,
-        occlusion_mask_size=32,  # 7 x 7 patch positions instead of 15 x 15: same code path, faster test
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    # 7 x 7 occlusion patch positions instead of 15 x 15: same code path, faster test
+    run_inference(BUNDLE, data, out, explain_occlusion=True, occlusion_mask_size=32)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "broken.png" in err[0]
     with open(out / "predictions.csv") as f:

@@ -13,18 +13,12 @@ import torch
 from PIL import Image
 
 from monai.bundle import ConfigWorkflow
+from tests.bundle_run import run_inference
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_infection_map_unet"
 CONFIGS = BUNDLE / "configs"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Several torch threads on a shared 2-core machine spin against each other; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_metadata_channels():
@@ -86,17 +80,7 @@ def _input_folder(shared_data: Path, tmp_path: Path) -> Path:
 def test_inference_outputs(shared_data, tmp_path, capfd):
     src, out = _input_folder(shared_data, tmp_path), tmp_path / "out"
     before = sorted(p.name for p in src.iterdir())
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(src),
-        output_dir=str(out),
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
+    run_inference(BUNDLE, src, out)
     err = capfd.readouterr().err
     assert f"error: {src / 'broken.png'}" in err
     assert sorted(p.name for p in src.iterdir()) == before  # nothing written into the input folder

@@ -9,13 +9,7 @@ from monai.networks.nets import FlexibleUNet
 from monai_covid.networks.infection_unet import PAPER_DENSENET121, InfectionUNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Several torch threads on a shared 2-core machine spin against each other (40x slower); restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from monai_covid.volume_detector import (
     preprocess_volume,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kw) -> ResNeXtPlus:
