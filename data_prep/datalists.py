@@ -29,6 +29,7 @@ __all__ = [
     "ct_slices_cls_datalist",
     "ct_dicom_datalist",
     "split_by_fold",
+    "oversample",
     "write_datalist",
     "make_datalist",
 ]
@@ -150,6 +151,17 @@ def split_by_fold(items: Sequence[dict[str, Any]], fold: int) -> tuple[list[dict
     if fold not in folds:
         raise ValueError(f"fold {fold} not in {sorted(folds)}")
     return [d for d in items if d["fold"] != fold], [d for d in items if d["fold"] == fold]
+
+
+def oversample(items: Sequence[dict[str, Any]], key: str, repeats: dict[Any, int]) -> list[dict[str, Any]]:
+    """Each item repeated ``repeats[item[key]]`` times (default 1), order kept: class balancing for one epoch.
+
+    ``oversample(items, "class_name", {"non_covid": 3})`` shows every non-COVID X-ray three times an epoch.
+    """
+    bad = {k: n for k, n in repeats.items() if int(n) != n or n < 0}
+    if bad:
+        raise ValueError(f"repeats must be whole numbers >= 0, got {bad}")
+    return [d for d in items for _ in range(int(repeats.get(d[key], 1)))]
 
 
 _BUILDERS = {

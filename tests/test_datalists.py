@@ -13,6 +13,7 @@ from data_prep.datalists import (
     ct_slices_cls_datalist,
     cxr_infection_datalist,
     make_datalist,
+    oversample,
     split_by_fold,
     write_datalist,
 )
@@ -66,3 +67,17 @@ def test_written_datalist_loads_in_monai(shared_data, tmp_path):
     assert {d["fold"] for d in val} == {2}
     with pytest.raises(ValueError):
         make_datalist("nope", shared_data)
+
+
+def test_oversample_repeats_by_class(shared_data):
+    train = make_datalist("cxr_infection", shared_data, fold=0, part="train")
+    counts = {c: sum(d["class_name"] == c for d in train) for c in ("covid", "non_covid", "normal")}
+    assert counts == {"covid": 320, "non_covid": 120, "normal": 120}
+    out = oversample(train, "class_name", {"non_covid": 3, "normal": 0})
+    assert len(out) == 320 + 3 * 120
+    assert sum(d["class_name"] == "non_covid" for d in out) == 360 and all(d["class_name"] != "normal" for d in out)
+    assert {d["image"] for d in out if d["class_name"] == "non_covid"} == {
+        d["image"] for d in train if d["class_name"] == "non_covid"
+    }
+    with pytest.raises(ValueError, match="whole numbers"):
+        oversample(train, "class_name", {"covid": 1.5})
