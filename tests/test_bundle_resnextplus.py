@@ -12,6 +12,8 @@ import pydicom
 import torch
 from monai.bundle import ConfigWorkflow
 
+from tests.bundle_run import run_inference
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_ct_volume_resnextplus"
 CONFIGS = BUNDLE / "configs"
 
@@ -62,16 +64,7 @@ def test_inference_on_real_p001(shared_data: Path, tmp_path: Path) -> None:
     for f in src.glob("*.dcm"):  # links, so nothing is ever written next to the shared data
         (data / f.name).symlink_to(f)
     out = tmp_path / "out"
-    wf = ConfigWorkflow(
-        config_file=str(CONFIGS / "inference.json"),
-        meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="infer",
-        bundle_root=str(BUNDLE),
-        dataset_dir=str(tmp_path / "in"),
-        output_dir=str(out),
-    )
-    wf.initialize()
-    wf.run()
+    run_inference(BUNDLE, tmp_path / "in", out)
     with open(out / "predictions.csv", newline="") as f:
         preds = list(csv.DictReader(f))
     assert [p["case"] for p in preds] == ["P001"]
