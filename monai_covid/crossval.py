@@ -31,7 +31,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VARIANTS", "bundle_variants", "train_one", "score_fold", "per_image_scores", "summarise", "main"]
+__all__ = [
+    "VARIANTS",
+    "bundle_variants",
+    "train_one",
+    "load_run",
+    "score_network",
+    "score_fold",
+    "per_image_scores",
+    "summarise",
+    "main",
+]
 
 #: per bundle (folder name): the variants compared in its CV table, as config overrides on top of its train.json;
 #: the first variant is the bundle's shipped model (its CV best epochs set the ``--final`` epoch count)
@@ -154,27 +164,42 @@ def _network_from_overrides(bundle: Path, overrides: dict[str, Any]):
     return parser.get_parsed_content("network_def", instantiate=True)
 
 
-def score_fold(
-    bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir: str, fold: int, n_folds: int, tta: bool = False
-):
-    """Per-image scores of the fold's held-out slices at original size, with the run's best checkpoint
-    (``tta``: with left-right flip test-time augmentation)."""
+def load_run(bundle: Path, run_dir: Path, overrides: dict[str, Any]):
+    """The network of one training run (``run_dir/model.pt``, its ``network_def`` overrides), in eval mode."""
     import torch
+
+    net = _network_from_overrides(bundle, overrides)
+    net.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def score_network(
+    net, data_dir: str, fold: int, n_folds: int, tta: bool = False, threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """Per-image scores of ``net`` on the fold's held-out slices at their original size, through the inference
+    path (``segment_slices``; ``tta``: left-right flip test-time augmentation; ``threshold`` on the lesion
+    probability)."""
     from PIL import Image
 
     from data_prep.datalists import make_datalist
     from monai_covid.inference.lesion import segment_slices
 
-    net = _network_from_overrides(bundle, overrides)
-    net.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
-    net.eval()
-    rows = []
-    for item in make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val"):
-        img = np.asarray(Image.open(item["image"]).convert("L"), dtype=np.float32) / 255.0
-        label = np.asarray(Image.open(item["label"]).convert("L")) > 127
-        pred = segment_slices(net, [img], tta=tta)[0]
-        rows.append({"fold": fold, "image": Path(item["image"]).name, **per_image_scores(pred, label)})
-    return rows
+    items = make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val")
+    images = [np.asarray(Image.open(i["image"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
+    labels = [np.asarray(Image.open(i["label"]).convert("L")) > 127 for i in items]
+    preds = segment_slices(net, images, tta=tta, threshold=threshold)
+    return [
+        {"fold": fold, "image": Path(i["image"]).name, **per_image_scores(p, g)}
+        for i, p, g in zip(items, preds, labels)
+    ]
+
+
+def score_fold(
+    bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir: str, fold: int, n_folds: int, tta: bool = False
+):
+    """Per-image scores of the fold's held-out slices at original size, with the run's best checkpoint
+    (``tta``: with left-right flip test-time augmentation)."""
+    return score_network(load_run(bundle, run_dir, overrides), data_dir, fold, n_folds, tta=tta)
 
 
 def _mean_sd(values: Sequence[float]) -> str:

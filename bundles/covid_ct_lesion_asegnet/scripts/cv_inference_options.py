@@ -21,11 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data_prep.datalists import make_datalist
-from monai_covid.crossval import _network_from_overrides, per_image_scores
-from monai_covid.inference.lesion import segment_slices
+from monai_covid.crossval import load_run, score_network
 
 
 class ProbabilityAverage(torch.nn.Module):
@@ -41,11 +38,10 @@ class ProbabilityAverage(torch.nn.Module):
 
 
 def load_member(member: Path, fold: int) -> torch.nn.Module:
+    """The fold's checkpoint of one crossval variant folder (its bundle read from the run's overrides)."""
     run = member / f"fold{fold}"
     overrides = json.loads((run / "overrides.json").read_text())
-    net = _network_from_overrides(Path(overrides["bundle_root"]), overrides)
-    net.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
-    return net.eval()
+    return load_run(Path(overrides["bundle_root"]), run, overrides)
 
 
 def main() -> None:
@@ -57,17 +53,14 @@ def main() -> None:
     p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[4] / "shared" / "data"))
     a = p.parse_args()
     torch.set_num_threads(1)
-    scores = {t: [] for t in a.thresholds}  # threshold -> per fold (dice, spec, sens)
+    keys = ("dice", "specificity", "sensitivity")
+    scores = {t: [] for t in a.thresholds}  # threshold -> per fold [mean dice, specificity, sensitivity]
     for f in a.folds:
-        items = make_datalist("ct_lesion_slices", a.data_dir, fold=f, n_folds=a.n_folds, part="val")
-        images = [np.asarray(Image.open(i["image"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
-        labels = [np.asarray(Image.open(i["label"]).convert("L")) > 127 for i in items]
         nets = [load_member(m, f) for m in a.member]
         net = nets[0] if len(nets) == 1 else ProbabilityAverage(nets)
         for t in a.thresholds:
-            rows = [per_image_scores(m, g) for m, g in zip(segment_slices(net, images, threshold=t), labels)]
-            scores[t].append([np.mean([r[k] for r in rows]) if k == "dice" else np.nanmean([r[k] for r in rows])
-                              for k in ("dice", "specificity", "sensitivity")])
+            rows = score_network(net, a.data_dir, f, a.n_folds, threshold=t)
+            scores[t].append([np.nanmean([r[k] for r in rows]) for k in keys])
     names = " + ".join(f"{m.parent.name}/{m.name}" for m in a.member)
     for t, v in scores.items():
         v = np.asarray(v)
