@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "covid_ct_lesion_asegnet": {
         "asegnet": {},
         "segnet": {"network_def#attention": False},
+        "asegnet_wide": {"network_def#channels": [16, 32, 64, 128, 256]},
         "attention_unet": {
             "network_def": {
                 "_target_": "AttentionUnet",
@@ -73,6 +74,7 @@ TTA_ROWS = {"asegnet": "asegnet_tta"}
 LABELS = {
     "asegnet": "A-SegNet + focal Tversky",
     "segnet": "SegNet + focal Tversky",
+    "asegnet_wide": "A-SegNet 2x width (16-256) + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
     "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
     "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
