@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_covid.io_utils import save_fp16
+
 __all__ = [
     "VARIANTS",
     "bundle_variants",
@@ -349,21 +351,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = json.loads((run_dir / "train_info.json").read_text())
         atomic_write_text(docs / "final_training.json", json.dumps({"epochs": epochs, **info}, indent=1) + "\n")
     return 0
-
-
-def save_fp16(src: Path, dst: Path) -> Path:
-    """Copy a float32 state_dict as fp16 (floating tensors only), atomically."""
-    import io
-
-    import torch
-
-    from monai_covid.io_utils import atomic_write_bytes
-
-    state = torch.load(src, map_location="cpu", weights_only=True)
-    state = {k: v.half() if torch.is_floating_point(v) else v for k, v in state.items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return atomic_write_bytes(dst, buf.getvalue())
 
 
 if __name__ == "__main__":

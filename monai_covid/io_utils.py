@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_csv",
     "atomic_save_png",
     "atomic_save_with",
+    "save_fp16",
 ]
 
 
@@ -112,3 +113,21 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_fp16(state: Any, path: str | os.PathLike) -> Path:
+    """Write a state_dict with its floating tensors in fp16 (how the bundles ship weights), atomically.
+
+    ``state``: a state_dict, a module (a ``DistributedDataParallel``/``DataParallel`` wrapper is unwrapped) or the
+    path of a saved state_dict (read with ``weights_only=True``; ``path`` may be that same file).
+    """
+    import torch
+
+    if isinstance(state, (str, os.PathLike)):
+        state = torch.load(state, map_location="cpu", weights_only=True)
+    elif isinstance(state, torch.nn.Module):
+        state = getattr(state, "module", state).state_dict()
+    state = {k: v.detach().cpu().half() if torch.is_floating_point(v) else v for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write_bytes(path, buf.getvalue())
