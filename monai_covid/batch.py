@@ -323,7 +323,7 @@ def _run_cxr(models: ModelSet, path: Path, out_dir: Path) -> dict[str, Any]:
         image = read_xray(path)
     except (ValueError, OSError) as e:
         raise InputError(path, f"not a readable X-ray ({e})") from None
-    size = tuple(models.config("cxr", "image_size", [160, 160]))
+    size = tuple(models.config("cxr", "image_size", [256, 256]))
     threshold = float(models.config("cxr", "threshold", 0.5))
     res = predict_cxr(models.net("cxr"), image, device=models.device, image_size=size, threshold=threshold)
     atomic_save_png(out_dir / "infection_seg.png", res["seg"])

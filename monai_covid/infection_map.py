@@ -354,7 +354,7 @@ def predict_cxr(
     net: torch.nn.Module,
     image: np.ndarray,
     device: str | torch.device = "cpu",
-    image_size: tuple[int, int] = (160, 160),
+    image_size: tuple[int, int] = (256, 256),
     threshold: float = 0.5,
     zero_below: float = 0.01,
 ) -> dict[str, Any]:
