@@ -11,7 +11,6 @@ whether a paper-size variant can be trained on the machine at hand.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch

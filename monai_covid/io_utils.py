@@ -126,7 +126,8 @@ def save_fp16(state: Any, path: str | os.PathLike) -> Path:
     if isinstance(state, (str, os.PathLike)):
         state = torch.load(state, map_location="cpu", weights_only=True)
     elif isinstance(state, torch.nn.Module):
-        state = getattr(state, "module", state).state_dict()
+        wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+        state = (state.module if isinstance(state, wrappers) else state).state_dict()
     state = {k: v.detach().cpu().half() if torch.is_floating_point(v) else v for k, v in state.items()}
     buf = io.BytesIO()
     torch.save(state, buf)
