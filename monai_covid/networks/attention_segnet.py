@@ -27,11 +27,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monai.networks.layers.factories import Conv, Norm, Pool
 
 __all__ = ["AttentionGate", "AttentionSegNet"]
+
+
+# TorchScript indexes a ModuleList only with a literal or through an interface type; the decoder runs coarsest
+# stage first, so the stages are reached by a variable index through these two interfaces (argument names must match
+# the modules' own: ``nn.Sequential.forward(input)``, ``AttentionGate.forward(x, g)``).
+@torch.jit.interface
+class _StageInterface(nn.Module):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        pass
+
+
+@torch.jit.interface
+class _GateInterface(nn.Module):
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pass
+
 
 # VGG-16 encoder of SegNet: 64-128-256-512-512 channels, 2-2-3-3-3 convolutions per stage.
 PAPER_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
@@ -119,7 +136,7 @@ class AttentionSegNet(nn.Module):
             self.encoders.append(_stage(spatial_dims, prev, c, n))
             prev = c
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2, return_indices=True)
-        self.unpool = {2: nn.MaxUnpool2d, 3: nn.MaxUnpool3d}[spatial_dims](kernel_size=2, stride=2)
+        # unpooling is a function call in forward: nn.MaxUnpool2d does not compile with TorchScript (torch 2.13)
 
         # decoder i mirrors encoder i: unpool to chans[i], then convs down to chans[i-1] (stage 0: to chans[0]).
         self.decoders = nn.ModuleList()
@@ -136,18 +153,19 @@ class AttentionSegNet(nn.Module):
                 self.gates.append(AttentionGate(spatial_dims, c, c, max(1, c // attention_reduction)))
                 self.fuse.append(_conv_bn_relu(spatial_dims, 2 * c, c, kernel_size=1))
         self.head = Conv[Conv.CONV, spatial_dims](chans[0], out_channels, 1)
-        self.last_attention: list[torch.Tensor] = []
+        # the gates' alphas of the last eager forward, coarsest first (not an attribute of a scripted model)
+        self.last_attention = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = 2**self.n_stages
-        if any(s % factor for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}")
+        if any([s % factor != 0 for s in x.shape[2:]]):
+            raise ValueError(f"spatial size {list(x.shape[2:])} must be divisible by {factor}")
         skips: list[torch.Tensor] = []
         indices: list[torch.Tensor] = []
-        sizes: list[torch.Size] = []
+        sizes: list[list[int]] = []
         for enc in self.encoders:
             x = enc(x)
-            sizes.append(x.shape)
+            sizes.append(list(x.shape))
             x, idx = self.pool(x)
             skips.append(x)
             indices.append(idx)
@@ -156,10 +174,17 @@ class AttentionSegNet(nn.Module):
         d = skips[-1]
         for i in range(self.n_stages - 1, -1, -1):
             if self.attention and i < self.n_stages - 1:
-                gated, alpha = self.gates[i](skips[i], d)
+                gate: _GateInterface = self.gates[i]
+                fuse: _StageInterface = self.fuse[i]
+                gated, alpha = gate.forward(skips[i], d)
                 alphas.append(alpha)
-                d = self.fuse[i](torch.cat([d, gated], dim=1))
-            d = self.unpool(d, indices[i], output_size=sizes[i])
-            d = self.decoders[i](d)
-        self.last_attention = [a.detach() for a in alphas]
+                d = fuse.forward(torch.cat([d, gated], dim=1))
+            if self.spatial_dims == 2:
+                d = F.max_unpool2d(d, indices[i], kernel_size=2, stride=2, output_size=sizes[i])
+            else:
+                d = F.max_unpool3d(d, indices[i], kernel_size=2, stride=2, output_size=sizes[i])
+            decoder: _StageInterface = self.decoders[i]
+            d = decoder.forward(d)
+        if not torch.jit.is_scripting():  # eager-mode diagnostics only; a scripted model returns the logits alone
+            self.last_attention = [a.detach() for a in alphas]
         return self.head(d)

@@ -37,7 +37,7 @@ logits, coarsest first (with ``aux``); :class:`monai_covid.losses.CoSupervisionL
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +62,26 @@ def _conv_bn_relu(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int =
     )
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[2:]) == tuple(size):
+def _resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    if list(x.shape[2:]) == size:
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear" if x.ndim == 4 else "trilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=False)
+
+
+# TorchScript indexes a ModuleList only with a literal or through an interface type; the decoder runs coarsest level
+# first, so its units are reached by a variable index through these interfaces (argument names must
+# match the modules' own: ``ConvTranspose.forward(input, output_size)``, ``ResidualUnit.forward(x)``; an interface
+# keeps no default values, so ``output_size=None`` is passed explicitly).
+@torch.jit.interface
+class _UpInterface(nn.Module):
+    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:  # noqa: A002
+        pass
+
+
+@torch.jit.interface
+class _UnitInterface(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pass
 
 
 class CoSupResUnet(nn.Module):
@@ -82,6 +98,9 @@ class CoSupResUnet(nn.Module):
         aux_levels: how many decoder stages get an auxiliary head, coarsest first.
         fusion: Attention Fusion Module before the segmentation head.
     """
+
+    # constants for TorchScript: a branch on a switched-off module (an absent submodule) is not compiled
+    __constants__ = ["use_edge", "use_aux", "use_fusion"]
 
     def __init__(
         self,
@@ -131,32 +150,41 @@ class CoSupResUnet(nn.Module):
         self.head = conv1(ch[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, Any]:
-        skips = []
+        skips: list[torch.Tensor] = []
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
-        dec: dict[int, torch.Tensor] = {}
-        for i in range(len(self.decoder) - 1, -1, -1):
-            x = self.decoder[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        dec = skips[:-1]  # dec[i]: decoder output at level i (the skips are placeholders until then)
+        for i in range(len(dec) - 1, -1, -1):
+            up: _UpInterface = self.up[i]
+            unit: _UnitInterface = self.decoder[i]
+            x = unit.forward(torch.cat([up.forward(x, None), skips[i]], dim=1))
             dec[i] = x
-        size = skips[0].shape[2:]
-        edge_feat = None
+        size = list(skips[0].shape[2:])
+        edge_feat: Optional[torch.Tensor] = None
         if self.use_edge:
             edge_feat = self.edge_block(torch.cat([skips[0], _resize(skips[1], size)], dim=1))
         feat = dec[0]
         if self.use_fusion:
-            branches = [dec[0]] + [_resize(p(dec[i]), size) for p, i in zip(self.fusion_proj, (1, 2))]
+            branches = [dec[0]]
+            for k, proj in enumerate(self.fusion_proj):  # decoder levels 1 and 2
+                branches.append(_resize(proj(dec[k + 1]), size))
             if edge_feat is not None:
                 branches.append(edge_feat)
             weights = torch.softmax(self.fusion_gate(torch.cat(branches, dim=1)), dim=1)
+            fused = weights[:, 0:1] * branches[0]
+            for k in range(1, len(branches)):
+                fused = fused + weights[:, k : k + 1] * branches[k]
             # residual: the fused features add to the decoder output, so AFM starts from the baseline path
-            feat = dec[0] + sum(weights[:, k : k + 1] * b for k, b in enumerate(branches))
+            feat = dec[0] + fused
         seg = self.head(feat)
-        if not self.training:
-            return seg
-        out: dict[str, Any] = {"seg": seg}
-        if edge_feat is not None:
-            out["edge"] = self.edge_head(edge_feat)
-        if self.use_aux:
-            out["aux"] = [h(dec[i]) for h, i in zip(self.aux_heads, self.aux_stages)]
-        return out
+        # a scripted model is the inference path: the training-only outputs below are not compiled
+        if not torch.jit.is_scripting():
+            if self.training:
+                out: dict[str, Any] = {"seg": seg}
+                if edge_feat is not None:
+                    out["edge"] = self.edge_head(edge_feat)
+                if self.use_aux:
+                    out["aux"] = [h(dec[i]) for h, i in zip(self.aux_heads, self.aux_stages)]
+                return out
+        return seg
