@@ -91,6 +91,10 @@ class InfectionUNet(nn.Module):
         # the classification head is not part of the encoder
         self.encoder = densenet.features
         self.encoder_act = get_act_layer(act)
+        # positions in the encoder of the stem activation and dense blocks 1-3, whose outputs are the skips (a list of
+        # ints rather than names, so that ``encode`` compiles with TorchScript)
+        names = [name for name, _ in self.encoder.named_children()]
+        self._skip_layers = [names.index(n) for n in ("relu0", "denseblock1", "denseblock2", "denseblock3")]
 
         channels = [init_features]
         c = init_features
@@ -121,20 +125,22 @@ class InfectionUNet(nn.Module):
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features at strides 2, 4, 8, 16, 32 with ``self.encoder_channels`` channels."""
         feats: list[torch.Tensor] = []
-        for name, layer in self.encoder.named_children():
+        for i, layer in enumerate(self.encoder):
             x = layer(x)
-            if name == "relu0" or (name.startswith("denseblock") and name != "denseblock4"):
+            if i in self._skip_layers:
                 feats.append(x)
         feats.append(self.encoder_act(x))  # after norm5
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the stem's rounding breaks the skips unless sizes divide by 32: pad (replicate) and crop back
-        size = x.shape[2:]
+        size = list(x.shape[2:])
         pad: list[int] = []
-        for s in reversed(size):
-            pad += [0, (-s) % 32]
-        if any(pad):
+        for d in range(len(size) - 1, -1, -1):  # F.pad takes the last dimension first
+            pad += [0, (-size[d]) % 32]
+        if any([p != 0 for p in pad]):
             x = nn.functional.pad(x, pad, mode="replicate")
         out = self.segmentation_head(self.decoder(self.encode(x), skip_connect=4))
-        return out[(..., *[slice(0, s) for s in size])]
+        for d, s in enumerate(size):
+            out = out.narrow(2 + d, 0, s)
+        return out
