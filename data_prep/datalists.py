@@ -9,6 +9,10 @@ Grouping, so that slices of one patient stay in one fold where the data say whic
 - ``ct_lesion_slices`` (MedSeg/COVID-SemiSeg): no patient ids are published, but the numeric ids were assigned
   patient by patient, so folds are *contiguous blocks of sorted ids*, which keeps neighbouring slices (likely the
   same patient) together instead of scattering them over folds.
+- ``ct_lesion_pseudo`` (the 1,600 pseudo-labelled COVID-SemiSeg slices): the file names carry the CT volume
+  (:func:`pseudo_label_volume`) and so the patient (:func:`pseudo_label_patient`; two Radiopaedia cases have two
+  series each). A fixed set of patients (:data:`PSEUDO_HOLDOUT_PATIENTS`) is held out of pre-training as the
+  ``"val"`` part; these slices never enter a doctor-slice fold.
 - ``cxr_infection`` and ``ct_slices_cls``: no patient ids exist; folds are stratified by class and assigned in a
   fixed order. Slices of one patient may therefore fall into different folds (stated in the bundle docs).
 """
@@ -25,6 +29,10 @@ from typing import Any
 
 __all__ = [
     "ct_lesion_datalist",
+    "ct_lesion_pseudo_datalist",
+    "pseudo_label_volume",
+    "pseudo_label_patient",
+    "PSEUDO_HOLDOUT_PATIENTS",
     "cxr_infection_datalist",
     "ct_slices_cls_datalist",
     "ct_dicom_datalist",
@@ -76,6 +84,71 @@ def ct_lesion_datalist(data_dir: str | os.PathLike, n_folds: int = 5) -> list[di
                 "group": f"block{fold}",
             }
         )
+    return items
+
+
+#: patients of the pseudo-labelled set held out of pre-training (2 coronacases.org, 2 Radiopaedia; 289 slices):
+#: chosen by id before any training, mid-sized volumes of both sources
+PSEUDO_HOLDOUT_PATIENTS: tuple[str, ...] = (
+    "coronacases_003",
+    "coronacases_007",
+    "radiopaedia_14",
+    "radiopaedia_40",
+)
+
+_PSEUDO_NAME = re.compile(r"^(?P<volume>.+)_(?P<slice>\d+)$")
+
+
+def pseudo_label_volume(name: str) -> str:
+    """CT volume (series) of a pseudo-labelled slice: its file stem without the trailing ``_<slice>``.
+
+    ``"Data-1_coronacases_org_001_10.jpg"`` -> ``"Data-1_coronacases_org_001"``.
+    """
+    m = _PSEUDO_NAME.match(Path(name).stem)
+    if m is None:
+        raise ValueError(f"{name}: not a pseudo-label slice name (<volume>_<slice number>)")
+    return m.group("volume")
+
+
+def pseudo_label_patient(name: str) -> str:
+    """Patient of a pseudo-labelled slice: ``coronacases_<NNN>`` or ``radiopaedia_<case>`` (Radiopaedia case 10 and
+    case 29 have two series each; both series of a case are one patient)."""
+    volume = pseudo_label_volume(name)
+    m = re.search(r"coronacases_org_(\d+)$", volume)
+    if m:
+        return f"coronacases_{m.group(1)}"
+    m = re.search(r"radiopaedia_org_.*?pneumonia-(\d+)_", volume)
+    if m:
+        return f"radiopaedia_{m.group(1)}"
+    raise ValueError(f"{name}: unknown source in volume id {volume!r} (expected coronacases or radiopaedia)")
+
+
+def ct_lesion_pseudo_datalist(
+    data_dir: str | os.PathLike, holdout_patients: Sequence[str] = PSEUDO_HOLDOUT_PATIENTS
+) -> list[dict[str, Any]]:
+    """Pseudo-labelled CT lesion slices (``ct_lesion_slices/pseudo_labelled``): image jpg, ``label`` the soft mask
+    png (probability x 255), ``volume`` and ``group`` (patient) ids, ``holdout`` (patient in ``holdout_patients``).
+    """
+    root = Path(data_dir) / "ct_lesion_slices" / "pseudo_labelled"
+    holdout = set(holdout_patients)
+    items = []
+    for img in _images(root / "images"):
+        label = root / "soft_masks" / f"{img.stem}.png"
+        if not label.is_file():
+            raise FileNotFoundError(f"{label}: soft mask missing for {img.name}")
+        patient = pseudo_label_patient(img.name)
+        items.append(
+            {
+                "image": str(img),
+                "label": str(label),
+                "volume": pseudo_label_volume(img.name),
+                "group": patient,
+                "holdout": patient in holdout,
+            }
+        )
+    unknown = holdout - {d["group"] for d in items}
+    if unknown:
+        raise ValueError(f"{root}: held-out patients {sorted(unknown)} not in the data")
     return items
 
 
@@ -174,14 +247,20 @@ _BUILDERS = {
 def make_datalist(name: str, data_dir: str | os.PathLike, fold: int | None = None, n_folds: int = 5, part: str = "train"):
     """Config-friendly entry point: the items of data set ``name``, or one part of fold ``fold``.
 
-    ``part`` is ``"train"``, ``"val"`` or ``"all"``; with ``fold=None`` all items are returned.
+    ``part`` is ``"train"``, ``"val"`` or ``"all"``; with ``fold=None`` all items are returned. ``"ct_lesion_pseudo"``
+    has no folds: ``"train"`` / ``"val"`` are the pre-training and the held-out patients whatever ``fold`` is.
     """
+    if name == "ct_lesion_pseudo":  # no folds: "train" = pre-training patients, "val" = held-out patients
+        items = ct_lesion_pseudo_datalist(data_dir)
+        if part not in ("train", "val", "all"):
+            raise ValueError(f"part must be train, val or all, got {part!r}")
+        return items if part == "all" else [d for d in items if d["holdout"] == (part == "val")]
     if name == "ct_dicom":
         items = ct_dicom_datalist(data_dir)
     elif name in _BUILDERS:
         items = _BUILDERS[name](data_dir, n_folds=n_folds)
     else:
-        raise ValueError(f"unknown data set {name!r}; choose from {sorted([*_BUILDERS, 'ct_dicom'])}")
+        raise ValueError(f"unknown data set {name!r}; choose from {sorted([*_BUILDERS, 'ct_dicom', 'ct_lesion_pseudo'])}")
     if fold is None or part == "all":
         return items
     train, val = split_by_fold(items, fold)

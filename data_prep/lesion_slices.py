@@ -41,18 +41,23 @@ def _grey(image):
     return image.convert("L")
 
 
-def load_transforms(image_size: Sequence[int] = (256, 256), track_meta: bool = False) -> list:
+def load_transforms(image_size: Sequence[int] = (256, 256), track_meta: bool = False, soft_label: bool = False) -> list:
     """Deterministic part: read slice and mask as grey, scale both to [0, 1], resize to ``image_size`` (bilinear,
     anti-aliased; the mask thresholded at 0.5 afterwards), float32. ``track_meta=True`` keeps the file names
-    (the evaluation writes per-image metrics)."""
+    (the evaluation writes per-image metrics).
+
+    ``soft_label=True`` keeps the mask as a probability in [0, 1] (the pseudo-labels' soft masks, stored as
+    probability x 255) instead of thresholding it; the default threshold 0.5 is the pseudo-label README's 128 of
+    255 (128 / 255 = 0.502 is kept, 127 / 255 is not)."""
     keys = list(KEYS)
+    binarize = [] if soft_label else [AsDiscreted("label", threshold=0.5)]
     return [
         LoadImaged(keys, reader="PILReader", reverse_indexing=False, converter=_grey, image_only=True),
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
         ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0),
         Resized("image", spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True),
         Resized("label", spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True),
-        AsDiscreted("label", threshold=0.5),
+        *binarize,
         EnsureTyped(keys, dtype=torch.float32, track_meta=track_meta),
     ]
 

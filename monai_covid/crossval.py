@@ -9,11 +9,18 @@ and ``cv_results.md`` (per fold and mean +- sd over folds) into ``--docs_dir``::
     python -m monai_covid.crossval bundles/covid_ct_lesion_asegnet --variants asegnet segnet attention_unet \\
         --jobs 2 --work_dir /tmp/asegnet_cv
 
-``--final`` then trains the shipped model on all slices for the median best epoch of the CV and saves it as an
-fp16 state_dict to ``models/model.pt``. The variants of each CT lesion bundle are defined here (``VARIANTS``)::
+``--final`` then trains the shipped model on all slices for the median best epoch of the CV (or ``--final_epochs``)
+and saves it as an fp16 state_dict to ``models/model.pt``. The variants of each CT lesion bundle are defined here
+(``VARIANTS``)::
 
     python -m monai_covid.crossval bundles/covid_ct_lesion_cosup_resunet \\
         --variants cosup resunet cosup_no_edge cosup_no_aux cosup_no_fusion --jobs 2 --work_dir /tmp/cosup_cv
+
+Semi-supervised (``monai_covid.semi_supervised``): ``--pretrain_epochs N`` first pre-trains each variant once on
+the pseudo-labelled slices (``stage=pretrain``, overrides in ``--pretrain_set``), scores it against the pseudo-labels
+of the held-out patients (``pseudo_holdout.csv`` / ``.md``), then fine-tunes every fold (and ``--final``) from those
+weights; ``--checkpoint final`` scores the last epoch's weights (a fixed epoch count) instead of the best epoch on
+the validation fold. ``--resume`` continues interrupted runs from their last epoch.
 """
 
 from __future__ import annotations
@@ -52,6 +59,18 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "asegnet": {},
         "segnet": {"network_def#attention": False},
         "asegnet_wide": {"network_def#channels": [16, 32, 64, 128, 256]},
+        "unet": {  # the stock MONAI UNet as its tutorials build it (the floor row)
+            "network_def": {
+                "_target_": "UNet",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "out_channels": 2,
+                "channels": [16, 32, 64, 128, 256],
+                "strides": [2, 2, 2, 2],
+                "num_res_units": 2,
+            }
+        },
+        "basic_unet": {"network_def": {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2}},
         "attention_unet": {
             "network_def": {
                 "_target_": "AttentionUnet",
@@ -78,6 +97,8 @@ LABELS = {
     "segnet": "SegNet + focal Tversky",
     "asegnet_wide": "A-SegNet 2x width (16-256) + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
+    "unet": "MONAI UNet (16-256, 2 res units) + focal Tversky",
+    "basic_unet": "MONAI BasicUNet + focal Tversky",
     "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
     "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
     "resunet": "ResUnet baseline",
@@ -159,6 +180,9 @@ def _train_worker(bundle: str, overrides_file: str) -> int:
     return 0
 
 
+_CKPT_FILES = {"best": "model.pt", "final": "model_final.pt"}
+
+
 def _network_from_overrides(bundle: Path, overrides: dict[str, Any]):
     from monai.bundle import ConfigParser
 
@@ -168,12 +192,13 @@ def _network_from_overrides(bundle: Path, overrides: dict[str, Any]):
     return parser.get_parsed_content("network_def", instantiate=True)
 
 
-def load_run(bundle: Path, run_dir: Path, overrides: dict[str, Any]):
-    """The network of one training run (``run_dir/model.pt``, its ``network_def`` overrides), in eval mode."""
+def load_run(bundle: Path, run_dir: Path, overrides: dict[str, Any], checkpoint: str = "best"):
+    """The network of one training run (its ``network_def`` overrides), in eval mode: ``checkpoint="best"`` loads
+    ``run_dir/model.pt`` (best validation epoch), ``"final"`` ``run_dir/model_final.pt`` (last epoch)."""
     import torch
 
     net = _network_from_overrides(bundle, overrides)
-    net.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    net.load_state_dict(torch.load(run_dir / _CKPT_FILES[checkpoint], map_location="cpu", weights_only=True))
     return net.eval()
 
 
@@ -199,11 +224,18 @@ def score_network(
 
 
 def score_fold(
-    bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir: str, fold: int, n_folds: int, tta: bool = False
+    bundle: Path,
+    run_dir: Path,
+    overrides: dict[str, Any],
+    data_dir: str,
+    fold: int,
+    n_folds: int,
+    tta: bool = False,
+    checkpoint: str = "best",
 ):
-    """Per-image scores of the fold's held-out slices at original size, with the run's best checkpoint
-    (``tta``: with left-right flip test-time augmentation)."""
-    return score_network(load_run(bundle, run_dir, overrides), data_dir, fold, n_folds, tta=tta)
+    """Per-image scores of the fold's held-out slices at original size, with the run's best (or ``"final"``)
+    checkpoint (``tta``: with left-right flip test-time augmentation)."""
+    return score_network(load_run(bundle, run_dir, overrides, checkpoint), data_dir, fold, n_folds, tta=tta)
 
 
 def _mean_sd(values: Sequence[float]) -> str:
@@ -282,6 +314,36 @@ def _run_all(jobs: list[tuple[Any, Path, dict, Path]], bundle: Path, max_jobs: i
                 print(f"[cv] {key}: {status}", flush=True)
 
 
+def _pseudo_holdout_rows(bundle: Path, run_dir: Path, ov: dict[str, Any], data_dir: str, variant: str) -> list[dict]:
+    from monai_covid.semi_supervised import score_pseudo_holdout
+
+    net = load_run(bundle, run_dir, ov, "final")
+    return [{"variant": variant, **r} for r in score_pseudo_holdout(net, data_dir)]
+
+
+def _write_pseudo_holdout(rows: list[dict[str, Any]], docs: Path, argv: Sequence[str]) -> None:
+    """Per-slice CSV and a per-variant, per-patient markdown table of the pre-trained models on held-out patients."""
+    from monai_covid.io_utils import atomic_write_csv, atomic_write_text
+
+    if not rows:
+        return
+    atomic_write_csv(docs / "pseudo_holdout.csv", rows, list(rows[0]))
+    patients = sorted({r["patient"] for r in rows})
+    lines = ["| model | " + " | ".join(f"{p} Dice" for p in patients) + " | all slices: Dice | soft Dice | specificity |",
+             "|---|" + "---|" * (len(patients) + 3)]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == v]
+        per_p = [np.mean([r["dice"] for r in rs if r["patient"] == p]) for p in patients]
+        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(f"{x:.3f}" for x in per_p)
+                     + f" | {np.mean([r['dice'] for r in rs]):.3f} | {np.mean([r['soft_dice'] for r in rs]):.3f} | "
+                     + f"{np.nanmean([r['specificity'] for r in rs]):.3f} |")
+    n = len({r["image"] for r in rows})
+    lines += ["", f"{n} slices of {len(patients)} held-out patients, pseudo-labels thresholded at 128 (soft Dice: "
+              "against the probability map); the pre-trained weights before any fine-tuning.", "",
+              "Command: `python -m monai_covid.crossval " + " ".join(str(x) for x in argv) + "`", ""]
+    atomic_write_text(docs / "pseudo_holdout.md", "\n".join(lines))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_train":
@@ -298,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides")
     p.add_argument("--final", action="store_true", help="then train on all slices and write models/model.pt (fp16)")
     p.add_argument("--final_epochs", type=int, default=None, help="default: median best epoch of the CV runs")
+    p.add_argument("--pretrain_epochs", type=int, default=0, help="> 0: pre-train each variant on the pseudo-labels")
+    p.add_argument("--pretrain_set", nargs="*", default=[], metavar="KEY=JSON", help="overrides of the pre-training")
+    p.add_argument("--checkpoint", choices=sorted(_CKPT_FILES), default="best", help="checkpoint of a run to score")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last epoch")
     a = p.parse_args(argv)
 
     bundle = a.bundle.resolve()
@@ -308,16 +374,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown variants {sorted(unknown)} for {bundle.name}; choose from {list(variants)}")
     docs = (a.docs_dir or bundle / "docs").resolve()
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
-    common = {"dataset_dir": a.data_dir, "n_folds": a.n_folds, **extra}
+    common = {"dataset_dir": a.data_dir, "n_folds": a.n_folds, "resume": a.resume, **extra}
+    a.work_dir.mkdir(parents=True, exist_ok=True)
+    from monai_covid.io_utils import atomic_write_csv, atomic_write_text
+
+    pretrained: dict[str, str] = {}
+    if a.pretrain_epochs > 0:
+        pre = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.pretrain_set)}
+        pre_jobs = []
+        for v in a.variants or [shipped]:
+            ov = {**common, **variants[v], "stage": "pretrain", "fold": None, "max_epochs": a.pretrain_epochs,
+                  "early_stop_patience": a.pretrain_epochs, **pre}
+            pre_jobs.append(((v, "pretrain"), a.work_dir / v / "pretrain", ov, a.work_dir / f"{v}_pretrain.log"))
+        _run_all(pre_jobs, bundle, a.jobs)
+        rows = []
+        for (v, _), run_dir, ov, _ in pre_jobs:
+            if not (run_dir / "model_final.pt").is_file():
+                raise SystemExit(f"[cv] {v}: pre-training did not finish ({run_dir}); rerun with --resume")
+            pretrained[v] = str(run_dir / "model_final.pt")
+            rows += _pseudo_holdout_rows(bundle, run_dir, ov, a.data_dir, v)
+        _write_pseudo_holdout(rows, docs, argv)
+    common["stage"] = "finetune" if pretrained else common.get("stage", "supervised")
     jobs = []
     for v in a.variants or [shipped]:
         for f in a.folds:
             run_dir = a.work_dir / v / f"fold{f}"
-            jobs.append(((v, f), run_dir, {**common, **variants[v], "fold": f}, a.work_dir / f"{v}_fold{f}.log"))
-    a.work_dir.mkdir(parents=True, exist_ok=True)
+            ov = {**common, **variants[v], "fold": f, **({"pretrain_ckpt": pretrained[v]} if pretrained else {})}
+            jobs.append(((v, f), run_dir, ov, a.work_dir / f"{v}_fold{f}.log"))
     _run_all(jobs, bundle, a.jobs)
-
-    from monai_covid.io_utils import atomic_write_csv, atomic_write_text
 
     per_image, infos = [], {}
     for (v, f), run_dir, ov, _ in jobs:
@@ -325,9 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[cv] {v} fold {f}: no finished run, left out of the table", flush=True)
             continue
         infos[(v, f)] = json.loads((run_dir / "train_info.json").read_text())
-        per_image += [{"variant": v, **r} for r in score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds)]
+        rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, checkpoint=a.checkpoint)
+        per_image += [{"variant": v, **r} for r in rows]
         if v in TTA_ROWS:  # same checkpoints, mirrored test-time augmentation (an inference option)
-            rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, tta=True)
+            rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, tta=True, checkpoint=a.checkpoint)
             per_image += [{"variant": TTA_ROWS[v], **r} for r in rows]
     if per_image:
         command = "python -m monai_covid.crossval " + " ".join(str(x) for x in argv)
@@ -344,10 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not epochs:
             raise SystemExit(f"--final needs --final_epochs or finished {shipped} CV runs")
         run_dir = a.work_dir / "final"
-        ov = {**common, "fold": None, "max_epochs": epochs, "val_interval": epochs, "early_stop_patience": epochs}
+        ov = {**common, "fold": None, "max_epochs": epochs, "val_interval": epochs, "early_stop_patience": epochs,
+              **({"pretrain_ckpt": pretrained[shipped]} if shipped in pretrained else {})}
         print(f"[cv] final model: all slices, {epochs} epochs", flush=True)
         _run_all([("final", run_dir, ov, a.work_dir / "final.log")], bundle, 1)
-        save_fp16(run_dir / "model.pt", bundle / "models" / "model.pt")
+        save_fp16(run_dir / "model_final.pt", bundle / "models" / "model.pt")
         info = json.loads((run_dir / "train_info.json").read_text())
         atomic_write_text(docs / "final_training.json", json.dumps({"epochs": epochs, **info}, indent=1) + "\n")
     return 0

@@ -1,0 +1,203 @@
+"""Semi-supervised training of the CT lesion bundles: pre-train on pseudo-labelled slices, fine-tune on the doctor's.
+
+The scheme of Semi-Inf-Net (Fan et al., IEEE TMI 39(8) 2020, Sec. III-C), in two runs of the same ``train.json``:
+
+1. ``"stage": "pretrain"``: the 1,311 pseudo-labelled slices of 16 of the 18 patients of COVID-SemiSeg's
+   unlabelled set (``data_prep.datalists.ct_lesion_pseudo_datalist``; pseudo-label probability thresholded at 128
+   of 255, the bundle's own loss), validated each epoch on every 4th slice of the 4 held-out patients
+   (``PSEUDO_HOLDOUT_PATIENTS``).
+2. ``"stage": "finetune"`` with ``"pretrain_ckpt"`` = the stage-1 weights: the 50 doctor-labelled slices (a CV
+   fold's training part, or all of them), as in the supervised recipe. ``"stage": "supervised"`` with no
+   ``pretrain_ckpt`` is the supervised recipe alone.
+
+Both CT lesion bundles read the stages from their ``train.json``::
+
+    "train_datalist": "$semi_supervised.training_items(@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats)",
+    "val_datalist": "$semi_supervised.validation_items(@stage, @dataset_dir, @fold, @n_folds)",
+    "network": "$semi_supervised.from_pretrained(@network_def, @pretrain_ckpt).to(@device)",
+    "run": [..., "$semi_supervised.attach_checkpoints(@train#trainer, @ckpt_dir, @network, @optimizer, @lr_scheduler, @resume)", ...]
+
+``monai_covid.crossval --pretrain_epochs N`` runs stage 1 once per network and stage 2 per fold. The pseudo-labels
+were made by an Inf-Net trained on all 50 doctor slices, so the teacher saw every CV validation fold: the CV of a
+pre-trained model is not fully independent of its validation slices (as for Semi-Inf-Net itself).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "STAGES",
+    "training_items",
+    "validation_items",
+    "from_pretrained",
+    "attach_checkpoints",
+    "latest_resume_checkpoint",
+    "score_pseudo_holdout",
+    "soft_dice",
+    "read_epoch_metrics",
+    "plot_learning_curves",
+]
+
+STAGES = ("supervised", "pretrain", "finetune")
+#: every n-th held-out pseudo-label slice is validated after each pre-training epoch (neighbours are near-identical)
+PRETRAIN_VAL_EVERY = 4
+
+
+def _check_stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return stage
+
+
+def training_items(
+    stage: str, data_dir: str | os.PathLike, fold: int | None, n_folds: int = 5, repeats: int = 1
+) -> list[dict[str, Any]]:
+    """Training items of ``stage``: the pre-training patients' pseudo-labelled slices (once each: 1,311 slices are
+    enough draws an epoch) or the doctor slices of the fold's training part, each ``repeats`` times."""
+    from data_prep.datalists import make_datalist
+
+    if _check_stage(stage) == "pretrain":
+        return make_datalist("ct_lesion_pseudo", data_dir, part="train")
+    return make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="train") * int(repeats)
+
+
+def validation_items(
+    stage: str, data_dir: str | os.PathLike, fold: int | None, n_folds: int = 5, every: int = PRETRAIN_VAL_EVERY
+) -> list[dict[str, Any]]:
+    """Validation items of ``stage``: every ``every``-th slice of the held-out pseudo-label patients, or the
+    doctor slices of the fold (all 50 with ``fold=None``)."""
+    from data_prep.datalists import make_datalist
+
+    if _check_stage(stage) == "pretrain":
+        return make_datalist("ct_lesion_pseudo", data_dir, part="val")[::every]
+    return make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val")
+
+
+def from_pretrained(network, ckpt: str | os.PathLike | None):
+    """``network`` with the weights of ``ckpt`` (a state_dict file, fp32 or fp16, all keys must match) loaded, or
+    unchanged when ``ckpt`` is None/empty. A missing file is an error (a fine-tune must not silently start from
+    scratch)."""
+    if not ckpt:
+        return network
+    import torch
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pre-trained checkpoint not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = network.state_dict()
+    network.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state.items()})
+    return network
+
+
+_RESUME_PREFIX = "resume"
+
+
+def latest_resume_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The newest per-epoch resume checkpoint in ``ckpt_dir`` (``resume_checkpoint_epoch=N.pt``), or None."""
+    found = []
+    for p in Path(ckpt_dir).glob(f"{_RESUME_PREFIX}_checkpoint_epoch=*.pt"):
+        m = re.search(r"epoch=(\d+)\.pt$", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def attach_checkpoints(trainer, ckpt_dir: str, network, optimizer, lr_scheduler, resume: bool = False) -> None:
+    """Checkpoint ``trainer`` every epoch (network, optimizer, scheduler, trainer state: one file kept) and write the
+    last epoch's network as ``model_final.pt`` (a plain state_dict, the fixed-epoch model the CV scores); with
+    ``resume`` and a checkpoint in ``ckpt_dir``, continue from it (same epoch, lr and optimizer state)."""
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    state = {"model": network, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "trainer": trainer}
+    if resume:
+        last = latest_resume_checkpoint(ckpt_dir)
+        if last is not None:
+            CheckpointLoader(load_path=str(last), load_dict=state, map_location="cpu").attach(trainer)
+    CheckpointSaver(
+        save_dir=ckpt_dir, save_dict=state, file_prefix=_RESUME_PREFIX, save_interval=1, epoch_level=True, n_saved=1
+    ).attach(trainer)
+    CheckpointSaver(save_dir=ckpt_dir, save_dict={"model": network}, save_final=True, final_filename="model_final.pt").attach(
+        trainer
+    )
+
+
+def soft_dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of a binary prediction against a soft target in [0, 1]: ``2 sum(p q) / (sum p + sum q)`` (1 when both
+    are empty)."""
+    p = np.asarray(pred, dtype=np.float64)
+    q = np.asarray(target, dtype=np.float64)
+    den = p.sum() + q.sum()
+    return float(2.0 * (p * q).sum() / den) if den > 0 else 1.0
+
+
+def score_pseudo_holdout(net, data_dir: str | os.PathLike, every: int = 1, threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Per-slice scores of ``net`` against the pseudo-labels of the held-out patients (every ``every``-th slice), at
+    the slices' original size through the inference path: Dice against the pseudo-label thresholded at 128 of 255
+    and soft Dice against the probability map. A weaker check than the doctor folds: the labels are a model's."""
+    from PIL import Image
+
+    from data_prep.datalists import make_datalist
+    from monai_covid.crossval import per_image_scores
+    from monai_covid.inference.lesion import segment_slices
+
+    items = make_datalist("ct_lesion_pseudo", data_dir, part="val")[::every]
+    images = [np.asarray(Image.open(i["image"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
+    soft = [np.asarray(Image.open(i["label"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
+    preds = segment_slices(net, images, threshold=threshold)
+    rows = []
+    for i, p, q in zip(items, preds, soft):
+        s = per_image_scores(p, q >= 128 / 255)
+        rows.append({"volume": i["volume"], "patient": i["group"], "image": Path(i["image"]).name, **s,
+                     "soft_dice": soft_dice(p > 0, q)})
+    return rows
+
+
+_EPOCH_METRIC = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)$")
+
+
+def read_epoch_metrics(log_path: str | os.PathLike) -> list[dict[str, float]]:
+    """Validation metrics per epoch from a training log (``StatsHandler`` lines ``Epoch[N] Metrics -- k: v ...``)."""
+    rows = []
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        m = _EPOCH_METRIC.search(line)
+        if m:
+            row: dict[str, float] = {"epoch": int(m.group(1))}
+            for k, v in re.findall(r"(\w+): ([-\d.eE+naNif]+)", m.group(2)):
+                row[k] = float(v)
+            rows.append(row)
+    return rows
+
+
+def plot_learning_curves(curves: dict[str, Sequence[dict[str, float]]], png: str | os.PathLike, title: str = "") -> Path:
+    """One line per curve (validation Dice by epoch) into ``png`` (written atomically)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from monai_covid.io_utils import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in curves.items():
+        rows = [r for r in rows if "val_mean_dice" in r]
+        ax.plot([r["epoch"] for r in rows], [r["val_mean_dice"] for r in rows], label=name, lw=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Dice (256 px, resized masks)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(png, buf.getvalue())
