@@ -15,6 +15,8 @@ Grouping, so that slices of one patient stay in one fold where the data say whic
   ``"val"`` part; these slices never enter a doctor-slice fold.
 - ``cxr_infection`` and ``ct_slices_cls``: no patient ids exist; folds are stratified by class and assigned in a
   fixed order. Slices of one patient may therefore fall into different folds (stated in the bundle docs).
+  ``ct_slices_cls_grouped`` groups near-duplicate slices (``data_prep.near_duplicates``) and keeps each group in
+  one fold; ``ct_slices_ucsd`` (external test set) carries patient ids as ``group``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ __all__ = [
     "PSEUDO_HOLDOUT_PATIENTS",
     "cxr_infection_datalist",
     "ct_slices_cls_datalist",
+    "ct_slices_cls_grouped_datalist",
+    "ct_slices_ucsd_datalist",
     "ct_dicom_datalist",
     "split_by_fold",
     "oversample",
@@ -190,6 +194,39 @@ def ct_slices_cls_datalist(data_dir: str | os.PathLike, n_folds: int = 5) -> lis
     return _stratified(by_class, n_folds)
 
 
+def ct_slices_cls_grouped_datalist(
+    data_dir: str | os.PathLike, n_folds: int = 5, threshold: float | None = None
+) -> list[dict[str, Any]]:
+    """``ct_slices_cls`` with near-duplicate ``group`` ids and grouped folds (no group in two folds).
+
+    The set has no patient ids: slices whose 64x64 thumbnails correlate at ``threshold`` or more (default
+    :data:`data_prep.near_duplicates.DEFAULT_NCC_THRESHOLD`) are joined, transitively, into one group; folds are
+    balanced by class (:func:`data_prep.near_duplicates.grouped_folds`).
+    """
+    from data_prep import near_duplicates as nd
+
+    items = sorted(ct_slices_cls_datalist(data_dir, n_folds=n_folds), key=lambda d: _natural_key(Path(d["image"]).name))
+    scores = nd.ncc_matrix(nd.thumbnails([d["image"] for d in items]))
+    groups = nd.group_near_duplicates(scores, nd.DEFAULT_NCC_THRESHOLD if threshold is None else threshold)
+    folds = nd.grouped_folds(groups, [d["label"] for d in items], n_folds=n_folds)
+    for d, g, f in zip(items, groups, folds):
+        d["group"], d["fold"] = f"g{g:03d}", f
+    return sorted(items, key=lambda d: (d["fold"], d["image"]))
+
+
+def ct_slices_ucsd_datalist(data_dir: str | os.PathLike, split: str = "val") -> list[dict[str, Any]]:
+    """UCSD COVID-CT (``ct_slices_ucsd``, external test set): image, ``label`` 1 = COVID, ``group`` = patient id."""
+    root = Path(data_dir) / "ct_slices_ucsd"
+    with open(root / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == split]
+    if not rows:
+        raise FileNotFoundError(f"{root / 'labels.csv'}: no images of split {split!r}")
+    return [
+        {"image": str(root / r["file"]), "label": int(r["label"] == "covid"), "group": r["patient_id"], "fold": 0}
+        for r in rows
+    ]
+
+
 def ct_dicom_datalist(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """DICOM CT series (``ct_dicom``): series folder, volume label, per-slice labels keyed by InstanceNumber.
 
@@ -241,6 +278,7 @@ _BUILDERS = {
     "ct_lesion_slices": ct_lesion_datalist,
     "cxr_infection": cxr_infection_datalist,
     "ct_slices_cls": ct_slices_cls_datalist,
+    "ct_slices_cls_grouped": ct_slices_cls_grouped_datalist,
 }
 
 

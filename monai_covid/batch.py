@@ -42,6 +42,7 @@ BUNDLES = {
     "cosup": ("covid_ct_lesion_cosup_resunet", "lesion"),
     "resnextplus": ("covid_ct_volume_resnextplus", "detector"),
     "cxr": ("covid_cxr_infection_map_unet", "cxr"),
+    "ctnet": ("covid_ct_slice_ctnet", "slice"),
 }
 
 
@@ -70,7 +71,7 @@ class ModelSet:
         self.device = device
         self.batch_size = batch_size
         if names is None:
-            names = [n for n in ("asegnet", "resnextplus", "cxr") if _installed(n)]
+            names = [n for n in ("asegnet", "resnextplus", "cxr", "ctnet") if _installed(n)]
         unknown = sorted(set(names) - set(BUNDLES))
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(BUNDLES)}")
@@ -125,6 +126,14 @@ class ModelSet:
         size = int(self.config("resnextplus", "preprocessing#image_size", 128))
         chunk = int(self.config("resnextplus", "inferer#chunk_size", 32))
         return predict_volume(self.net("resnextplus"), hu, lung, size=size, chunk_size=chunk, device=self.device)
+
+    def classify_slice(self, path: Path) -> dict[str, Any]:
+        """CT-Net on one 2D CT image (png/jpg, RGB or gray): calibrated COVID probability + Grad-CAM(++) overlays."""
+        if "ctnet" not in self._nets:
+            from monai_covid.explain import SliceClassifier
+
+            self._nets["ctnet"] = SliceClassifier(self._bundle("ctnet"), self.device)
+        return self._nets["ctnet"](path)
 
 
 # ---------------------------------------------------------------------------------------------- pictures
@@ -287,7 +296,7 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
 
 
 def process_image_case(job: Job, models: ModelSet, out_dir: Path, modality: str) -> dict[str, Any]:
-    """A 2D image: CT slice (``--modality ct``, lesion model) or chest X-ray (``cxr``, infection-map model)."""
+    """A 2D image: CT slice (``--modality ct``: lesion model and/or CT-Net) or chest X-ray (``cxr``, infection map)."""
     path = Path(job.case.path)
     if modality != "ct":
         return _run_cxr(models, path, out_dir)
@@ -298,8 +307,20 @@ def process_image_case(job: Job, models: ModelSet, out_dir: Path, modality: str)
             gray = np.asarray(im.convert("L"), dtype=np.float32)
     except Exception as e:
         raise InputError(path, f"not a readable image ({type(e).__name__})") from None
+    if not models.lesion_name and not models.has("slice"):
+        raise InputError(path, "no lesion model or slice classifier (ctnet) selected for a CT slice")
+    record: dict[str, Any] = {"n_slices": 1, "shape_zyx": [1, *gray.shape], "outputs": {}}
+    if models.has("slice"):
+        res = models.classify_slice(path)
+        record["covid_probability"] = round(res["covid_probability"], 4)
+        record["covid_label"] = res["covid_label"]
+        for method, rgb in res["overlays"].items():
+            atomic_save_png(out_dir / f"{method}.png", rgb)
+            record["outputs"][method] = f"{method}.png"
     if not models.lesion_name:
-        raise InputError(path, "no lesion model selected for a CT slice")
+        if "gradcam" in record["outputs"]:
+            record["outputs"]["overlay"] = record["outputs"]["gradcam"]
+        return record
     from monai_covid.inference.lesion import segment_slices
 
     mask = segment_slices(models.net(models.lesion_name), [gray / 255.0], device=models.device)[0]
@@ -309,8 +330,9 @@ def process_image_case(job: Job, models: ModelSet, out_dir: Path, modality: str)
     m = mask.astype(bool)
     rgb[m] = 0.45 * rgb[m] + 0.55 * np.array([255, 30, 30])
     atomic_save_png(out_dir / "overlay.png", rgb.astype(np.uint8))
-    return {"n_slices": 1, "shape_zyx": [1, *gray.shape], "lesion_percent_of_image": round(100.0 * float(mask.mean()), 3),
-            "outputs": {"lesion_seg": "lesion_seg.png", "overlay": "overlay.png"}}
+    record["lesion_percent_of_image"] = round(100.0 * float(mask.mean()), 3)
+    record["outputs"].update({"lesion_seg": "lesion_seg.png", "overlay": "overlay.png"})
+    return record
 
 
 def _run_cxr(models: ModelSet, path: Path, out_dir: Path) -> dict[str, Any]:

@@ -10,6 +10,9 @@ Here these are MONAI's :class:`monai.visualize.GradCAM`, :class:`~monai.visualiz
 - :func:`unletterbox` maps a heatmap from the network input (resized by the longest side, padded to a square)
   back to the original image size.
 - :func:`overlay_heatmap` blends a heatmap (matplotlib colormap) onto a grayscale image.
+- :class:`SliceClassifier` runs a classifier bundle (``configs/inference.json``: its preprocessing, calibration,
+  threshold and explanation layer) on one image file and returns the probability and the overlays; the
+  ``monai-covid infer --modality ct`` batch job uses it for CT-Net.
 - :class:`ExplanationWriter` is an ignite handler for a ``SupervisedEvaluator``: per image it writes the heatmap
   PNGs ``<stem>_gradcam.png``, ``<stem>_gradcampp.png`` (optional ``<stem>_occlusion.png``) at the image's own size,
   and at the end ``predictions.csv`` (``image,covid_probability,label``).
@@ -43,6 +46,7 @@ __all__ = [
     "unletterbox",
     "overlay_heatmap",
     "ExplanationWriter",
+    "SliceClassifier",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -293,3 +297,47 @@ class ExplanationWriter:
         return atomic_write_csv(
             self.output_dir / "predictions.csv", self.rows, fieldnames=("image", "covid_probability", "label")
         )
+
+
+class SliceClassifier:
+    """One image file -> calibrated COVID probability, label and heatmap overlays, through a bundle's inference.json.
+
+    The bundle's ``preprocessing`` (the same transforms as ``python -m monai.bundle run``), ``calibration``
+    (``[a, b]``: probability ``sigmoid(a * logit + b)``), ``threshold``, ``explain_methods`` and ``explain_layer``
+    are read from ``configs/inference.json``; the weights are ``models/model.pt`` (fp16 state dict).
+
+    Args:
+        bundle_dir: the bundle folder (e.g. ``bundles/covid_ct_slice_ctnet``).
+        device: torch device.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+        from monai.bundle import ConfigParser
+
+        from monai_covid.inference.lesion import load_bundle_network
+
+        self.bundle_dir = Path(bundle_dir)
+        parser = ConfigParser()
+        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
+        parser["bundle_root"] = str(self.bundle_dir)
+        self.preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
+        a, b = parser.get("calibration", [1.0, 0.0])
+        self.calibration = (float(a), float(b))
+        self.threshold = float(parser.get("threshold", 0.5))
+        self.methods = list(parser.get("explain_methods", ["gradcam", "gradcampp"]))
+        self.target_layer = str(parser.get("explain_layer", "attention3"))
+        self.device = torch.device(device)
+        self.network = load_bundle_network(self.bundle_dir, self.device)
+
+    def __call__(self, path: str | os.PathLike) -> dict[str, Any]:
+        """``{"covid_probability", "covid_label", "logit", "overlays": {method: uint8 (H, W, 3)}}`` for one image."""
+        original = read_gray(path)
+        if min(original.shape) < 8:
+            raise ValueError(f"image is {original.shape[1]}x{original.shape[0]} pixels, smaller than 8")
+        x = torch.as_tensor(self.preprocessing({"image": str(path)})["image"]).float()[None].to(self.device)
+        with torch.no_grad():
+            logit = float(self.network(x).reshape(-1)[0])
+        prob = float(torch.sigmoid(torch.tensor(self.calibration[0] * logit + self.calibration[1])))
+        maps = explain_batch(self.network, x, target_layer=self.target_layer, methods=self.methods) if self.methods else {}
+        overlays = {m: overlay_heatmap(original, unletterbox(hm[0, 0], original.shape)) for m, hm in maps.items()}
+        return {"covid_probability": prob, "covid_label": int(prob >= self.threshold), "logit": logit, "overlays": overlays}

@@ -117,3 +117,77 @@ def test_inference_with_heatmaps(shared_data: Path, tmp_path: Path, capsys) -> N
             # the overlay is not just the grayscale image: colour channels differ where the heatmap is
             assert np.abs(arr[..., 0] - arr[..., 2]).mean() > 1.0
     assert not list(data.glob("*_gradcam.png"))  # nothing written into the input folder
+
+
+def _ucsd_mixed_formats(shared_data: Path) -> list[Path]:
+    """One UCSD COVID-CT image of each stored kind: RGB jpg, gray jpg, gray png, RGBA png."""
+    wanted = {("jpg", "RGB"), ("jpg", "L"), ("png", "L"), ("png", "RGBA")}
+    picked: dict[tuple[str, str], Path] = {}
+    for p in sorted((shared_data / "ct_slices_ucsd" / "val").glob("*/*.*")):
+        with Image.open(p) as im:
+            kind = (p.suffix.lower().lstrip("."), im.mode)
+        if kind in wanted and kind not in picked:
+            picked[kind] = p
+    assert set(picked) == wanted
+    return list(picked.values())
+
+
+def test_inference_reads_jpg_and_png_rgb_or_gray(shared_data: Path, tmp_path: Path) -> None:
+    """inference.json on real UCSD COVID-CT figures (jpg and png, RGB, RGBA and gray): a calibrated probability and
+    Grad-CAM / Grad-CAM++ overlays at each image's own size."""
+    files = _ucsd_mixed_formats(shared_data)
+    data = tmp_path / "in"
+    data.mkdir()
+    for p in files:
+        shutil.copy(p, data / p.name)
+    out = tmp_path / "out"
+    run_inference(BUNDLE, data, out)
+    with open(out / "predictions.csv") as f:
+        rows = {Path(r["image"]).name: r for r in csv.DictReader(f)}
+    assert sorted(rows) == sorted(p.name for p in files)
+    cfg = json.loads((CONFIGS / "inference.json").read_text())
+    for p in files:
+        prob = float(rows[p.name]["covid_probability"])
+        assert 0.0 <= prob <= 1.0 and int(rows[p.name]["label"]) == int(prob >= cfg["threshold"])
+        with Image.open(p) as im:
+            size = im.size
+        for method in ("gradcam", "gradcampp"):
+            with Image.open(out / f"{p.stem}_{method}.png") as hm:
+                assert hm.size == size and hm.mode == "RGB"
+
+
+def test_batch_infer_modality_ct_runs_ctnet_on_jpg_and_png(shared_data: Path, tmp_path: Path) -> None:
+    """``monai-covid infer --modality ct --models ctnet``: CT-Net probability and heatmaps per 2D image, the same
+    probability as the bundle's inference.json, a broken jpg reported and the batch going on."""
+    from monai_covid.cli import main
+    from monai_covid.explain import SliceClassifier
+
+    files = _ucsd_mixed_formats(shared_data)[:2]  # RGB jpg and gray jpg
+    files.append(sorted((shared_data / "ct_slices_cls" / "covid").glob("*.png"))[0])  # RGBA png of the other source
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for p in files:
+        shutil.copy(p, inp / p.name)
+    (inp / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    before = sorted(q.name for q in inp.iterdir())
+    rc = main(["infer", str(inp), str(tmp_path / "out"), "--modality", "ct", "--models", "ctnet", "--quiet"])
+    assert rc == 1  # the broken file fails, the others complete
+    assert sorted(q.name for q in inp.iterdir()) == before
+    with open(tmp_path / "out" / "report.csv") as f:
+        report = list(csv.DictReader(f))
+    assert len(report) == 4
+    ok = [r for r in report if r["status"] == "ok"]
+    failed = [r for r in report if r["status"] == "failed"]
+    assert len(ok) == 3 and len(failed) == 1 and "broken" in failed[0]["source"]
+    clf = SliceClassifier(BUNDLE)
+    for r in ok:
+        case = tmp_path / "out" / r["case_id"]
+        result = json.loads((case / "result.json").read_text())
+        src = next(p for p in files if p.name in r["source"])
+        assert float(r["covid_probability"]) == pytest.approx(clf(src)["covid_probability"], abs=1e-3)
+        with Image.open(src) as im:
+            size = im.size
+        for method in ("gradcam", "gradcampp"):
+            assert result["outputs"][method] == f"{method}.png"
+            with Image.open(case / f"{method}.png") as hm:
+                assert hm.size == size
