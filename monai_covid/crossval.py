@@ -246,6 +246,18 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{statistics.mean(v):.3f} ± {sd:.3f}"
 
 
+def _ci95(values: Sequence[float]) -> str:
+    """95 % confidence interval of the mean of ``values`` (Student t over the fold means)."""
+    from scipy import stats
+
+    v = [x for x in values if not np.isnan(x)]
+    if len(v) < 2:
+        return "n/a"
+    m, se = statistics.mean(v), statistics.stdev(v) / np.sqrt(len(v))
+    h = float(stats.t.ppf(0.975, len(v) - 1)) * se
+    return f"{m - h:.3f}–{m + h:.3f}"
+
+
 def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict], command: str) -> tuple[list, str]:
     """Per-fold rows (means over the fold's images) and a markdown table with mean ± sd over folds."""
     folds_rows = []
@@ -281,13 +293,16 @@ def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict
             f"{r['seconds_per_epoch']} | {r['cpu_seconds_per_epoch']} |"
         )
     lines += ["", "Mean ± sd over folds (each fold: mean over its images):", "",
-              "| model | Dice | sensitivity | specificity |", "|---|---|---|---|"]
+              "| model | Dice | sensitivity | specificity | Dice 95 % CI | specificity 95 % CI |",
+              "|---|---|---|---|---|---|"]
     for v in variants:
         fr = [r for r in folds_rows if r["variant"] == v]
         lines.append(
             f"| {LABELS.get(v, v)} | {_mean_sd([r['dice'] for r in fr])} | "
-            f"{_mean_sd([r['sensitivity'] for r in fr])} | {_mean_sd([r['specificity'] for r in fr])} |"
+            f"{_mean_sd([r['sensitivity'] for r in fr])} | {_mean_sd([r['specificity'] for r in fr])} | "
+            f"{_ci95([r['dice'] for r in fr])} | {_ci95([r['specificity'] for r in fr])} |"
         )
+    lines += ["", "95 % CI: Student t over the fold means (5 folds: mean ± 2.78 sd / √5)."]
     lines += ["", f"Command: `{command}`", ""]
     return folds_rows, "\n".join(lines)
 
@@ -342,6 +357,50 @@ def _write_pseudo_holdout(rows: list[dict[str, Any]], docs: Path, argv: Sequence
               "against the probability map); the pre-trained weights before any fine-tuning.", "",
               "Command: `python -m monai_covid.crossval " + " ".join(str(x) for x in argv) + "`", ""]
     atomic_write_text(docs / "pseudo_holdout.md", "\n".join(lines))
+
+
+def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Sequence[int], docs: Path) -> None:
+    """learning_curves.png: validation Dice by epoch, pre-training (held-out patients' pseudo-labels) and
+    fine-tuning (each fold's doctor slices), from the runs' logs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from monai_covid.io_utils import atomic_write_bytes
+    from monai_covid.semi_supervised import read_epoch_metrics
+
+    def val(log: Path) -> list[dict]:
+        return [r for r in read_epoch_metrics(log) if "val_mean_dice" in r] if log.is_file() else []
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    for i, v in enumerate(variants):
+        c = f"C{i}"
+        pre = val(work_dir / f"{v}_pretrain.log")
+        axes[0].plot([r["epoch"] for r in pre], [r["val_mean_dice"] for r in pre], "o-", color=c, label=LABELS.get(v, v))
+        curves = [val(work_dir / f"{v}_fold{f}.log") for f in folds]
+        for k, rows in enumerate(curves):
+            axes[1].plot([r["epoch"] for r in rows], [r["val_mean_dice"] for r in rows], color=c, lw=0.7, alpha=0.5,
+                         label=LABELS.get(v, v) + " (each fold; thick: mean)" if k == 0 else None)
+        n = min((len(r) for r in curves if r), default=0)
+        if n:
+            mean = [np.mean([rows[e]["val_mean_dice"] for rows in curves if len(rows) >= n]) for e in range(n)]
+            axes[1].plot(range(1, n + 1), mean, color=c, lw=2.2)
+    axes[0].set_title("pre-training: Dice vs pseudo-labels of 4 held-out patients", fontsize=8)
+    axes[1].set_title("fine-tuning on 40 doctor slices: Dice on the fold's 10 held-out slices", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("validation Dice (256 px)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(docs / "learning_curves.png", buf.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_csv(docs / "cv_folds.csv", folds_rows, list(folds_rows[0]))
         atomic_write_text(docs / "cv_results.md", md)
         print(md, flush=True)
+    if pretrained:
+        _write_learning_curves(a.work_dir, a.variants or [shipped], a.folds, docs)
 
     if a.final:
         best = [i["best_epoch"] for (v, _), i in infos.items() if v == shipped]

@@ -42,7 +42,6 @@ __all__ = [
     "score_pseudo_holdout",
     "soft_dice",
     "read_epoch_metrics",
-    "plot_learning_curves",
 ]
 
 STAGES = ("supervised", "pretrain", "finetune")
@@ -174,30 +173,3 @@ def read_epoch_metrics(log_path: str | os.PathLike) -> list[dict[str, float]]:
                 row[k] = float(v)
             rows.append(row)
     return rows
-
-
-def plot_learning_curves(curves: dict[str, Sequence[dict[str, float]]], png: str | os.PathLike, title: str = "") -> Path:
-    """One line per curve (validation Dice by epoch) into ``png`` (written atomically)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from monai_covid.io_utils import atomic_write_bytes
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rows in curves.items():
-        rows = [r for r in rows if "val_mean_dice" in r]
-        ax.plot([r["epoch"] for r in rows], [r["val_mean_dice"] for r in rows], label=name, lw=1.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation Dice (256 px, resized masks)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(png, buf.getvalue())

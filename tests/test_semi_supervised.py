@@ -1,0 +1,225 @@
+"""Semi-supervised scheme of the CT lesion bundles (monai_covid.semi_supervised): pseudo-label loading (soft masks
+kept soft, grouping by volume and patient) on the real files and synthetic cases, and a short real pre-train ->
+fine-tune -> resume run of the A-SegNet train.json."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose
+from PIL import Image
+
+from data_prep.datalists import (
+    PSEUDO_HOLDOUT_PATIENTS,
+    ct_lesion_pseudo_datalist,
+    make_datalist,
+    pseudo_label_patient,
+    pseudo_label_volume,
+)
+from data_prep.lesion_slices import load_transforms
+from monai_covid.semi_supervised import (
+    from_pretrained,
+    latest_resume_checkpoint,
+    read_epoch_metrics,
+    score_pseudo_holdout,
+    soft_dice,
+    training_items,
+    validation_items,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(
+    "name, volume, patient",
+    [
+        ("Data-1_coronacases_org_001_10.jpg", "Data-1_coronacases_org_001", "coronacases_001"),
+        ("Data-1_coronacases_org_010_147.png", "Data-1_coronacases_org_010", "coronacases_010"),
+        # two series of Radiopaedia case 29: two volumes, one patient
+        (
+            "Data-1_radiopaedia_org_covid-19-pneumonia-29_86490_1-dcm_5.jpg",
+            "Data-1_radiopaedia_org_covid-19-pneumonia-29_86490_1-dcm",
+            "radiopaedia_29",
+        ),
+        (
+            "Data-1_radiopaedia_org_covid-19-pneumonia-29_86491_1-dcm_12.jpg",
+            "Data-1_radiopaedia_org_covid-19-pneumonia-29_86491_1-dcm",
+            "radiopaedia_29",
+        ),
+    ],
+)
+def test_volume_and_patient_from_name(name, volume, patient):
+    assert pseudo_label_volume(name) == volume
+    assert pseudo_label_patient(name) == patient
+
+
+@pytest.mark.parametrize("name", ["0.jpg", "Data-1_coronacases_org_001.jpg", "other_source_3_4.jpg"])
+def test_bad_pseudo_names_raise(name):
+    with pytest.raises(ValueError, match=name.split(".")[0]):
+        pseudo_label_patient(name)
+
+
+def test_real_pseudo_datalist_groups_by_volume_and_patient(shared_data):
+    items = ct_lesion_pseudo_datalist(shared_data)
+    assert len(items) == 1600
+    assert all(Path(d["label"]).parent.name == "soft_masks" and Path(d["label"]).is_file() for d in items[:20])
+    assert len({d["volume"] for d in items}) == 20 and len({d["group"] for d in items}) == 18
+    # the README's counts per volume
+    per_volume = Counter(d["volume"] for d in items)
+    assert per_volume["Data-1_coronacases_org_005"] == 166
+    assert per_volume["Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_3-dcm"] == 207
+    train = make_datalist("ct_lesion_pseudo", shared_data, part="train")
+    held = make_datalist("ct_lesion_pseudo", shared_data, part="val")
+    assert len(train) + len(held) == 1600 and len(held) == 289
+    assert {d["group"] for d in held} == set(PSEUDO_HOLDOUT_PATIENTS)
+    # no volume and no patient on both sides
+    assert not {d["volume"] for d in train} & {d["volume"] for d in held}
+    assert not {d["group"] for d in train} & {d["group"] for d in held}
+    # the scheme's stages: pre-training never sees a held-out patient nor a doctor slice; fine-tuning only doctor slices
+    pre = training_items("pretrain", shared_data, fold=0)
+    assert pre == train
+    ft = training_items("finetune", shared_data, fold=0, repeats=4)
+    assert len(ft) == 160 and all("pseudo_labelled" not in d["image"] for d in ft)
+    val = validation_items("finetune", shared_data, fold=0)
+    assert len(val) == 10 and all("pseudo_labelled" not in d["image"] for d in val)
+    assert validation_items("pretrain", shared_data, fold=None) == held[::4]
+    with pytest.raises(ValueError, match="stage"):
+        training_items("semi", shared_data, fold=0)
+
+
+def test_real_soft_mask_kept_soft(shared_data):
+    item = make_datalist("ct_lesion_pseudo", shared_data, part="train")[0]
+    raw = np.asarray(Image.open(item["label"]).convert("L"), dtype=np.float32) / 255.0
+    assert 0 < np.count_nonzero((raw > 0) & (raw < 1))  # a probability map, not 0/255
+    h, w = raw.shape
+    soft = Compose(load_transforms((h, w), soft_label=True))(dict(item))["label"]
+    hard = Compose(load_transforms((h, w)))(dict(item))["label"]
+    values = torch.unique(soft)
+    assert len(values) > 10 and 0.0 <= float(values.min()) and float(values.max()) <= 1.0
+    # at the native size the soft label is the file's probability map, the hard one its threshold at 128
+    np.testing.assert_allclose(soft[0].numpy(), raw, atol=1e-5)
+    np.testing.assert_array_equal(hard[0].numpy(), (raw >= 128 / 255).astype(np.float32))
+    # resized, the soft label keeps its lesion mass
+    soft256 = Compose(load_transforms((256, 256), soft_label=True))(dict(item))["label"]
+    assert abs(float(soft256.mean()) - raw.mean()) < 0.01
+
+
+def test_synthetic_soft_mask_threshold_at_128(tmp_path):
+    mask = np.array([[0, 64, 127, 128], [200, 255, 0, 0]], dtype=np.uint8)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    Image.fromarray(np.full_like(mask, 90)).save(tmp_path / "i.png")
+    item = {"image": str(tmp_path / "i.png"), "label": str(tmp_path / "m.png")}
+    soft = Compose(load_transforms(mask.shape, soft_label=True))(dict(item))["label"][0].numpy()
+    hard = Compose(load_transforms(mask.shape))(dict(item))["label"][0].numpy()
+    np.testing.assert_allclose(soft, mask / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(hard, [[0, 0, 0, 1], [1, 1, 0, 0]])
+
+
+def test_soft_dice_hand_computed():
+    pred = np.array([1, 1, 0, 0], dtype=bool)
+    target = np.array([1.0, 0.5, 0.5, 0.0])
+    assert soft_dice(pred, target) == pytest.approx(2 * 1.5 / (2 + 2.0))
+    assert soft_dice(np.zeros(3, bool), np.zeros(3)) == 1.0
+    assert soft_dice(np.zeros(3, bool), np.array([0, 0.2, 0])) == 0.0
+
+
+def test_from_pretrained_loads_fp16_and_refuses_missing(tmp_path):
+    from monai_covid.io_utils import save_fp16
+    from monai_covid.networks.attention_segnet import AttentionSegNet
+
+    src = AttentionSegNet(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8, 16, 32, 64])
+    save_fp16(src, tmp_path / "pre.pt")
+    dst = AttentionSegNet(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8, 16, 32, 64])
+    assert from_pretrained(dst, None) is dst
+    from_pretrained(dst, tmp_path / "pre.pt")
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert b.dtype == a.dtype, k
+        torch.testing.assert_close(b, a.half().to(a.dtype))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        from_pretrained(dst, tmp_path / "missing.pt")
+
+
+def test_read_epoch_metrics(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text(
+        "2026-01-01 - INFO - Epoch: 1/2, Iter: 1/2 -- train_loss: 1.3 \n"
+        "2026-01-01 - INFO - Epoch[1] Metrics -- val_mean_dice: 0.4000 val_sensitivity: 0.5000 \n"
+        "2026-01-01 - INFO - Epoch[1] Metrics -- train_mean_dice: 0.2000 \n"
+        "2026-01-01 - INFO - Epoch[2] Metrics -- val_mean_dice: 0.6500 val_sensitivity: 0.7000 \n"
+    )
+    rows = [r for r in read_epoch_metrics(log) if "val_mean_dice" in r]
+    assert rows == [
+        {"epoch": 1, "val_mean_dice": 0.4, "val_sensitivity": 0.5},
+        {"epoch": 2, "val_mean_dice": 0.65, "val_sensitivity": 0.7},
+    ]
+
+
+def _workflow(repo_root, run_dir, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    bundle = repo_root / "bundles" / "covid_ct_lesion_asegnet"
+    # a few slices of each stage, small batches: the real pipeline, seconds not minutes
+    ov = {
+        "bundle_root": str(bundle),
+        "ckpt_dir": str(run_dir),
+        "output_dir": str(run_dir),
+        "batch_size": 4,
+        "max_epochs": 1,
+        "train_datalist": "$semi_supervised.training_items(@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats)[:8]",
+        "val_datalist": "$semi_supervised.validation_items(@stage, @dataset_dir, @fold, @n_folds)[:3]",
+        **overrides,
+    }
+    wf = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train", **ov)
+    wf.initialize()
+    return wf
+
+
+def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path):
+    data = str(shared_data)
+    pre = _workflow(repo_root, tmp_path / "pre", dataset_dir=data, stage="pretrain", fold=None)
+    pre_items = pre.parser.get_parsed_content("train_datalist")
+    assert all("pseudo_labelled" in d["image"] for d in pre_items)
+    pre.run()
+    pre.finalize()
+    pre_ckpt = tmp_path / "pre" / "model_final.pt"
+    assert pre_ckpt.is_file() and latest_resume_checkpoint(tmp_path / "pre").name == "resume_checkpoint_epoch=1.pt"
+    pre_state = torch.load(pre_ckpt, weights_only=True)
+
+    ft = _workflow(repo_root, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt))
+    net = ft.parser.get_parsed_content("network")
+    for k, v in net.state_dict().items():  # fine-tuning starts from the pre-trained weights
+        torch.testing.assert_close(v, pre_state[k])
+    assert all("pseudo_labelled" not in d["image"] for d in ft.parser.get_parsed_content("train_datalist"))
+    ft.run()
+    ft.finalize()
+    after = torch.load(tmp_path / "ft" / "model_final.pt", weights_only=True)
+    assert any(not torch.equal(after[k], pre_state[k]) for k in pre_state)  # and it trained
+
+    # resume: a second run with 2 epochs continues at epoch 2 from the epoch-1 checkpoint
+    again = _workflow(
+        repo_root, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt),
+        max_epochs=2, resume=True,
+    )
+    seen = []
+    trainer = again.parser.get_parsed_content("train#trainer")
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(e.state.epoch))
+    again.run()
+    assert seen == [2] and trainer.state.epoch == 2
+    assert latest_resume_checkpoint(tmp_path / "ft").name == "resume_checkpoint_epoch=2.pt"
+
+    # the weaker check: the pre-trained network against held-out patients' pseudo-labels, on the inference path
+    from monai_covid.networks.attention_segnet import AttentionSegNet
+
+    net = AttentionSegNet(
+        spatial_dims=2, in_channels=1, out_channels=2, channels=[8, 16, 32, 64, 128], convs_per_stage=[2, 2, 2, 2, 2]
+    )
+    net.load_state_dict(pre_state)
+    rows = score_pseudo_holdout(net.eval(), data, every=60)
+    assert len(rows) == 5 and {r["patient"] for r in rows} <= set(PSEUDO_HOLDOUT_PATIENTS)
+    assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["soft_dice"] <= 1.0 for r in rows)
