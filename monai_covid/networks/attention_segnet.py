@@ -122,7 +122,9 @@ class AttentionSegNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != len(convs_per_stage):
-            raise ValueError(f"channels {tuple(channels)} and convs_per_stage {tuple(convs_per_stage)} differ in length")
+            raise ValueError(
+                f"channels {tuple(channels)} and convs_per_stage {tuple(convs_per_stage)} differ in length"
+            )
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims = spatial_dims

@@ -37,8 +37,9 @@ class InfectionUNet(nn.Module):
     (``UNetDecoder``: upsample x2, concatenate the skip, two conv-norm-act) followed by a 3x3 segmentation head, so
     the output has the input's spatial size.
 
-    The defaults are a slim DenseNet-121 (``growth_rate=12``, ``init_features=24``, decoder 64-48-32-16-8: ~1.6M parameters, 3.2 MB in fp16) that trains
-    on a CPU; ``InfectionUNet(**PAPER_DENSENET121)`` is the paper-size network (~12.8M parameters).
+    The defaults are a slim DenseNet-121 (``growth_rate=12``, ``init_features=24``, decoder 64-48-32-16-8: ~1.6M
+    parameters, 3.2 MB in fp16) that trains on a CPU; ``InfectionUNet(**PAPER_DENSENET121)`` is the paper-size network
+    (~12.8M parameters).
 
     Args:
         spatial_dims: 2 for X-rays (3 works as well).
