@@ -137,7 +137,8 @@ def train_one(bundle: Path, run_dir: Path, overrides: dict[str, Any], log_path: 
     (run_dir / "overrides.json").write_text(json.dumps(ov, indent=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "monai_covid.crossval", "_train", str(bundle), str(run_dir / "overrides.json")]
-    proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+    mode = "a" if overrides.get("resume") else "w"  # a resumed run keeps the log of its earlier epochs
+    proc = subprocess.Popen(cmd, stdout=open(log_path, mode), stderr=subprocess.STDOUT, env=env)
     (run_dir / "running.pid").write_text(str(proc.pid))
     return proc
 

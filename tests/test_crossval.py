@@ -57,3 +57,13 @@ def test_score_network_on_a_real_fold(shared_data):
     strict = score_network(net, str(shared_data), fold=0, n_folds=5, threshold=0.9)
     assert all(s["sensitivity"] <= r["sensitivity"] + 1e-9 for s, r in zip(strict, rows))
     assert all(s["specificity"] >= r["specificity"] - 1e-9 for s, r in zip(strict, rows))
+
+
+def test_summarise_95ci_over_five_folds():
+    """Student t interval over 5 fold means: 0.7 ± 2.776 * 0.0707 / sqrt(5) = 0.612-0.788."""
+    rows = [
+        {"variant": "unet", "fold": f, "image": "a", "dice": d, "sensitivity": 0.5, "specificity": 0.9}
+        for f, d in enumerate([0.6, 0.7, 0.8, 0.7, 0.7])
+    ]
+    _, md = summarise(rows, {}, "cmd")
+    assert "| 0.700 ± 0.071 |" in md and "| 0.612–0.788 |" in md

@@ -63,6 +63,7 @@ def main() -> int:
     p.add_argument("--variant", default="asegnet", help="CV variant whose fold model is shown")
     p.add_argument("--cv_dir", type=Path, default=Path("/tmp/asegnet_cv"))
     p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--checkpoint", default="model.pt", help="file of the fold run (model_final.pt: fixed-epoch CV)")
     p.add_argument("--image", default="10.jpg", help="held-out slice of --fold to show")
     p.add_argument("--data_dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--ct", default=None, help="DICOM series folder (default: ct_dicom/P001)")
@@ -77,7 +78,7 @@ def main() -> int:
     item = next(d for d in val if Path(d["image"]).name == a.image)
     run_dir = a.cv_dir / a.variant / f"fold{a.fold}"
     fold_net = _network_from_overrides(bundle, json.loads((run_dir / "overrides.json").read_text()))
-    fold_net.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    fold_net.load_state_dict(torch.load(run_dir / a.checkpoint, weights_only=True))
     fold_net.eval()
     img = np.asarray(Image.open(item["image"]).convert("L"), dtype=np.float32) / 255.0
     label = np.asarray(Image.open(item["label"]).convert("L")) > 127
