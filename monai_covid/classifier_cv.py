@@ -215,7 +215,10 @@ def train_fold(bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir:
     if data_dir:
         ov["dataset_dir"] = data_dir
     ov.setdefault("validate#interval", int(ov.get("epochs", 8)))  # held-out fold checked once, at the end
-    wf = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train", **ov)
+    wf = ConfigWorkflow(
+        config_file=str(bundle / "configs" / "train.json"), meta_file=str(bundle / "configs" / "metadata.json"),
+        workflow_type="train", **ov,
+    )
     wf.initialize()
     t0, c0 = time.time(), time.process_time()
     wf.run()
