@@ -158,10 +158,10 @@ def test_read_epoch_metrics(tmp_path):
     ]
 
 
-def _workflow(repo_root, run_dir, **overrides):
+def _workflow(repo_root, bundle_name, run_dir, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    bundle = repo_root / "bundles" / "covid_ct_lesion_asegnet"
+    bundle = repo_root / "bundles" / bundle_name
     # a few slices of each stage, small batches: the real pipeline, seconds not minutes
     ov = {
         "bundle_root": str(bundle),
@@ -178,9 +178,11 @@ def _workflow(repo_root, run_dir, **overrides):
     return wf
 
 
-def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path):
+@pytest.mark.parametrize("bundle_name", ["covid_ct_lesion_asegnet", "covid_ct_lesion_cosup_resunet"])
+def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path, bundle_name):
+    """Both lesion bundles' train.json run the same scheme (one library, no copy): 2 iterations a stage."""
     data = str(shared_data)
-    pre = _workflow(repo_root, tmp_path / "pre", dataset_dir=data, stage="pretrain", fold=None)
+    pre = _workflow(repo_root, bundle_name, tmp_path / "pre", dataset_dir=data, stage="pretrain", fold=None)
     pre_items = pre.parser.get_parsed_content("train_datalist")
     assert all("pseudo_labelled" in d["image"] for d in pre_items)
     pre.run()
@@ -189,7 +191,7 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path):
     assert pre_ckpt.is_file() and latest_resume_checkpoint(tmp_path / "pre").name == "resume_checkpoint_epoch=1.pt"
     pre_state = torch.load(pre_ckpt, weights_only=True)
 
-    ft = _workflow(repo_root, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt))
+    ft = _workflow(repo_root, bundle_name, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt))
     net = ft.parser.get_parsed_content("network")
     for k, v in net.state_dict().items():  # fine-tuning starts from the pre-trained weights
         torch.testing.assert_close(v, pre_state[k])
@@ -201,7 +203,7 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path):
 
     # resume: a second run with 2 epochs continues at epoch 2 from the epoch-1 checkpoint
     again = _workflow(
-        repo_root, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt),
+        repo_root, bundle_name, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt),
         max_epochs=2, resume=True,
     )
     seen = []
@@ -214,11 +216,7 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path):
     assert latest_resume_checkpoint(tmp_path / "ft").name == "resume_checkpoint_epoch=2.pt"
 
     # the weaker check: the pre-trained network against held-out patients' pseudo-labels, on the inference path
-    from monai_covid.networks.attention_segnet import AttentionSegNet
-
-    net = AttentionSegNet(
-        spatial_dims=2, in_channels=1, out_channels=2, channels=[8, 16, 32, 64, 128], convs_per_stage=[2, 2, 2, 2, 2]
-    )
+    net = again.parser.get_parsed_content("network_def", instantiate=True)
     net.load_state_dict(pre_state)
     rows = score_pseudo_holdout(net.eval(), data, every=60)
     assert len(rows) == 5 and {r["patient"] for r in rows} <= set(PSEUDO_HOLDOUT_PATIENTS)
