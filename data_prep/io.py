@@ -16,14 +16,19 @@ RescaleSlope/RescaleIntercept to give HU). Arrays are ``(z, y, x)`` (SimpleITK's
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from monai_covid.io_utils import display_text
 
 __all__ = [
     "InputError",
@@ -39,6 +44,8 @@ __all__ = [
     "safe_name",
     "NIFTI_SUFFIXES",
     "IMAGE_SUFFIXES",
+    "MAX_DEPTH",
+    "itk_readable",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -55,12 +62,16 @@ _NON_IMAGE_SOP_CLASSES = {
 
 
 class InputError(ValueError):
-    """A bad input: the message is one line and names the offending file or folder."""
+    """A bad input: the message is one line and names the offending file or folder.
+
+    ``path`` is the path as the OS gave it (may hold surrogate-escaped bytes; use it to open the file); the message
+    shows it through :func:`~monai_covid.io_utils.display_text` (control characters and non-UTF-8 bytes escaped).
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
-        self.reason = " ".join(str(reason).split())
-        super().__init__(f"{self.path}: {self.reason}")
+        self.path = os.fsdecode(path)
+        self.reason = display_text(" ".join(str(reason).split()))
+        super().__init__(f"{display_text(self.path)}: {self.reason}")
 
 
 @dataclass
@@ -142,19 +153,115 @@ def safe_name(rel: str, fallback: str = "case") -> str:
     return name[:120] or fallback
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
-    """Regular files under ``root`` (no symlinked folders followed, so link loops cannot trap the walk)."""
+#: Folders nested deeper than this below the search root are not searched (and are listed as skipped).
+MAX_DEPTH = 128
+try:
+    PATH_MAX = int(os.pathconf("/", "PC_PATH_MAX"))
+except (AttributeError, OSError, ValueError):
+    PATH_MAX = 4096
+
+
+def _os_reason(e: OSError) -> str:
+    """Why the OS refused an entry, in words for ``skipped.csv``."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.errno == errno.ENAMETOOLONG:
+        return f"path longer than PATH_MAX ({PATH_MAX} bytes): not reachable by name"
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"not readable ({e.strerror or type(e).__name__})"
+
+
+def _walk_files(root: Path, skipped: list[tuple[str, str]] | None = None) -> Iterator[Path]:
+    """Regular files under ``root``, folder by folder in sorted order (hidden entries ignored).
+
+    Any name the OS allows is walked: names are ``str`` with undecodable bytes surrogate-escaped, which Python's
+    file functions map back to the same bytes. Symlinked folders are not followed (a link loop cannot trap the
+    walk); the walk is iterative (no recursion limit). What it cannot reach goes to ``skipped`` with the reason:
+    folders it may not list, paths longer than PATH_MAX, folders more than :data:`MAX_DEPTH` levels down, broken
+    links, links to folders, device files, FIFOs and sockets.
+    """
+
+    def skip(path: str, why: str) -> None:
+        if skipped is not None:
+            skipped.append((path, why))
+
     if root.is_file():
         yield root
         return
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
+    stack: list[tuple[str, int]] = [(str(root), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skip(folder, f"folder {_os_reason(e)}")
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            p = Path(dirpath) / name
-            if p.is_file():
-                yield p
+            path = entry.path
+            if len(os.fsencode(os.path.abspath(path))) >= PATH_MAX:
+                skip(path, f"path longer than PATH_MAX ({PATH_MAX} bytes): not reachable by name")
+                continue
+            try:
+                if entry.is_symlink():
+                    if os.path.isdir(path):
+                        skip(path, "symbolic link to a folder: not followed")
+                        continue
+                    if not os.path.exists(path):
+                        skip(path, "broken symbolic link (or a link loop)")
+                        continue
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(path)
+                elif entry.is_file():
+                    yield Path(path)
+                else:
+                    skip(path, "not a regular file (device, FIFO or socket)")
+            except OSError as e:
+                skip(path, _os_reason(e))
+        for d in reversed(subdirs):
+            if depth + 1 > MAX_DEPTH:
+                skip(d, f"folder nested more than {MAX_DEPTH} levels below INPUT: not searched")
+            else:
+                stack.append((d, depth + 1))
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def itk_readable(paths: Sequence[str]) -> Iterator[list[str]]:
+    """The same files under names SimpleITK can open.
+
+    SimpleITK takes file names as UTF-8 text, so a name whose bytes are not UTF-8 (a Latin-1 folder from an old
+    Windows share; Python holds those bytes as surrogates) cannot be passed to it. Such a file is reached through a
+    symbolic link with an ASCII name in a temporary folder (outside INPUT and OUTPUT), removed on exit; the other
+    paths pass unchanged.
+    """
+    paths = [os.fsdecode(p) for p in paths]
+    if all(_utf8(p) for p in paths):
+        yield paths
+        return
+    with tempfile.TemporaryDirectory(prefix="monai-covid-names-") as scratch:
+        out = []
+        for i, p in enumerate(paths):
+            if _utf8(p):
+                out.append(p)
+                continue
+            low = p.lower()
+            suffix = next((s for s in (".nii.gz", ".nii", ".dcm") if low.endswith(s)), "")
+            alias = os.path.join(scratch, f"{i:06d}{suffix}")
+            os.symlink(os.path.abspath(p), alias)
+            out.append(alias)
+        yield out
 
 
 def _read_header(path: Path):
@@ -177,6 +284,8 @@ def _read_header(path: Path):
         except Exception:
             return None
         return ds if "SOPClassUID" in ds or "SeriesInstanceUID" in ds else None
+    except PermissionError:
+        raise
     except Exception as e:  # truncated header, unreadable file
         raise InputError(path, f"unreadable DICOM header ({type(e).__name__}: {e})") from None
 
@@ -197,23 +306,28 @@ def _is_localizer(ds) -> bool:
 
 
 def find_dicom_series(
-    root: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+    root: str | os.PathLike, skipped: list[tuple[str, str]] | None = None, files: Sequence[Path] | None = None
 ) -> tuple[list[DicomSeries], list[InputError]]:
     """All DICOM image series under ``root``, grouped by SeriesInstanceUID, and the files that failed.
 
     Non-DICOM files are ignored; non-image objects and localizers are skipped; unreadable DICOM files are
     returned as errors (attached by :func:`find_cases` to the series of their folder). ``skipped``, when given,
-    receives ``(path, reason)`` for every file passed over (not DICOM, localizer, non-image object).
+    receives ``(path, reason)`` for every file passed over (not DICOM, localizer, non-image object, permission
+    denied, unreachable). ``files``: the walk of ``root`` when the caller already made it.
     """
     groups: dict[str, list[tuple[Path, object]]] = {}
     errors: list[InputError] = []
-    for path in _walk_files(Path(root)):
+    for path in _walk_files(Path(root), skipped) if files is None else files:
         if path.name.lower().endswith((*NIFTI_SUFFIXES, *IMAGE_SUFFIXES, ".json", ".csv", ".txt", ".md")):
             continue
         try:
             ds = _read_header(path)
         except InputError as e:
             errors.append(e)
+            continue
+        except OSError as e:  # permission denied, vanished while walking
+            if skipped is not None:
+                skipped.append((str(path), _os_reason(e)))
             continue
         if ds is None or not _is_image(ds) or _is_localizer(ds):
             if skipped is not None:
@@ -301,12 +415,13 @@ def read_dicom_series(series: DicomSeries | str | os.PathLike) -> Volume:
     order, _ = _slice_geometry(series)
     files = [series.files[i] for i in order]
     headers = [series.headers[i] for i in order]
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError:
-        raise _find_undecodable(files) from None
+    with itk_readable(files) as names:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(names)
+        try:
+            image = reader.Execute()
+        except RuntimeError:
+            raise _find_undecodable(files, names) from None
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     if array.ndim != 3 or array.shape[0] != len(files):
         raise InputError(series.folder, f"decoded shape {array.shape} does not match {len(files)} slices")
@@ -325,12 +440,13 @@ def read_dicom_series(series: DicomSeries | str | os.PathLike) -> Volume:
     )
 
 
-def _find_undecodable(files: Sequence[str]) -> InputError:
-    """Name the first file whose pixel data cannot be decoded (called only after the series reader failed)."""
-    for f in files:
+def _find_undecodable(files: Sequence[str], names: Sequence[str] | None = None) -> InputError:
+    """Name the first file whose pixel data cannot be decoded (called only after the series reader failed);
+    ``names``: the same files as SimpleITK can open them (:func:`itk_readable`)."""
+    for f, name in zip(files, names or files):
         try:
             r = sitk.ImageFileReader()
-            r.SetFileName(f)
+            r.SetFileName(name)
             r.Execute()
         except RuntimeError:
             return InputError(f, "pixel data cannot be decoded (truncated file or unsupported transfer syntax)")
@@ -348,11 +464,12 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     path = Path(path)
     _check_nifti_header(path)
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise InputError(path, f"not a readable NIfTI ({_itk_reason(e)})") from None
+    with itk_readable([str(path)]) as (name,):
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise InputError(path, f"not a readable NIfTI ({_itk_reason(e)})") from None
     size, dim = reader.GetSize(), reader.GetDimension()
     if dim == 4 and size[3] == 1:
         dim = 3
@@ -445,21 +562,26 @@ def find_cases(
     if not root.exists():
         raise InputError(root, "no such file or folder")
     cases: list[Case] = []
-    for p in _walk_files(root):
+    files = list(_walk_files(root, skipped))
+    for p in files:
         name = p.name.lower()
         rel = str(p.relative_to(root)) if p != root else p.name
-        if name.endswith(NIFTI_SUFFIXES):
+        if name.endswith((*NIFTI_SUFFIXES, *IMAGE_SUFFIXES)) and not os.access(p, os.R_OK):
+            if skipped is not None:
+                skipped.append((str(p), "permission denied"))
+        elif name.endswith(NIFTI_SUFFIXES):
             cases.append(Case("nifti", str(p), rel))
         elif name.endswith(IMAGE_SUFFIXES):
             if include_images:
                 cases.append(Case("image", str(p), rel))
             elif skipped is not None:
                 skipped.append((str(p), "2D image: pass --modality ct or cxr to process it"))
-    series, errors = find_dicom_series(root, skipped)
+    series, errors = find_dicom_series(root, skipped, files=files)
     used: set[str] = set()
     for s in series:
         rel_folder = os.path.relpath(s.folder, root) if root.is_dir() else Path(s.folder).name
-        label = f"series_{s.headers[0].get('SeriesNumber', '') or series.index(s) + 1}"
+        number = re.sub(r"[^0-9A-Za-z_-]", "", str(s.headers[0].get("SeriesNumber", "") or ""))[:16]
+        label = f"series_{number or series.index(s) + 1}"
         if rel_folder == ".":
             rel_folder = label
         elif len([x for x in series if x.folder == s.folder]) > 1:
@@ -471,6 +593,6 @@ def find_cases(
         cases.append(Case("dicom", s.folder, rel, series=s))
     for e in errors:
         rel = os.path.relpath(e.path, root) if root.is_dir() else Path(e.path).name
-        cases.append(Case("dicom", e.path, rel, error=str(e)))
+        cases.append(Case("dicom", e.path, rel, error=e.reason))
     cases.sort(key=lambda c: c.rel)
     return cases

@@ -16,7 +16,10 @@ import copy
 import html
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,14 +29,26 @@ from typing import Any
 import numpy as np
 
 from data_prep.io import Case, InputError, find_cases, read_volume, safe_name, write_like
-from monai_covid.io_utils import atomic_save_png, atomic_save_with, atomic_write_csv, atomic_write_json, atomic_write_text
+from monai_covid.io_utils import (
+    atomic_save_png,
+    atomic_save_with,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    display_text,
+)
 
-__all__ = ["run_batch", "ModelSet", "process_ct_case", "REPORT_COLUMNS", "BUNDLES", "bundles_dir", "overlay_montage"]
+__all__ = [
+    "run_batch", "ModelSet", "process_ct_case", "REPORT_COLUMNS", "BUNDLES", "bundles_dir", "overlay_montage",
+    "write_dicom_seg", "SegNotWritten", "seg_source_problems", "seg_dataset_problems", "detector_coverage",
+]
 
 REPORT_COLUMNS = [
-    "case_id", "source", "modality", "status", "error", "covid_probability", "lung_volume_ml", "lesion_volume_ml",
-    "lesion_percent_of_lung", "n_slices", "seconds", "models",
+    "case_id", "source", "modality", "status", "error", "warnings", "covid_probability", "lung_volume_ml",
+    "lesion_volume_ml", "lesion_percent_of_lung", "n_slices", "seconds", "models",
 ]
+#: Output names a case folder may not take (compared case-insensitively): the batch's own files.
+RESERVED_NAMES = {"report", "report.csv", "report.html", "skipped", "skipped.csv"}
 RESULT_VERSION = 1
 
 #: model name -> (bundle folder, role)
@@ -181,20 +196,175 @@ def overlay_montage(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None,
 
 
 # ---------------------------------------------------------------------------------------------- DICOM SEG
-def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str) -> Path:
-    """DICOM Segmentation (binary, one segment) referencing the source instances, via highdicom."""
+class SegNotWritten(Exception):
+    """The DICOM SEG would not be valid DICOM (a PACS would reject it); the message says why, in one line."""
+
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: Attributes highdicom copies from the source into the SEG that identify nothing the SEG's linking depends on: an
+#: invalid value is left empty (type 2) or left out (type 3) in the SEG, and result.json says so.
+_SEG_TYPE2_REPAIRABLE = {"PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                         "StudyID", "AccessionNumber"}
+_SEG_TYPE3_REPAIRABLE = {"StudyDescription", "PatientAge", "PatientSize", "PatientWeight", "PatientComments",
+                         "OtherPatientIDs", "PatientBirthTime", "EthnicGroup", "PatientAddress"}
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI", "UC"}
+
+
+def _uid_problem(value: Any) -> str | None:
+    v = str(value if value is not None else "")
+    if not v:
+        return "is empty"
+    if len(v) > 64:
+        return f"has {len(v)} characters (at most 64)"
+    if not _UID_RE.fullmatch(v):  # the value itself is not shown: it identifies a study
+        if re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", v):
+            return "is UUID text, not a DICOM UID (digits and dots)"
+        return "is not a DICOM UID (digits and dots, no leading zeros)"
+    return None
+
+
+def seg_source_problems(headers: list) -> list[str]:
+    """Why the source slices cannot be referenced by a valid SEG: empty, non-numeric (UUID text), over-long or
+    duplicated UIDs. A SEG carries the source's Study/Frame of Reference UIDs and references every source SOP
+    instance; none of these can be changed without breaking the link to the images in the PACS."""
+    problems = []
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = sorted({str(h.get(key, "") or "") for h in headers})
+        for v in values:
+            why = _uid_problem(v)
+            if why:
+                problems.append(f"source {key} {why}")
+        if len(values) > 1:
+            problems.append(f"source slices have {len(values)} different {key}s")
+    for key in ("SOPInstanceUID", "SOPClassUID"):
+        whys = [w for w in (_uid_problem(h.get(key, "")) for h in headers) if w]
+        if whys:
+            problems.append(f"{len(whys)} of {len(headers)} source {key}s {'are empty' if whys[0] == 'is empty' else whys[0]}")
+    sops = [str(h.get("SOPInstanceUID", "") or "") for h in headers]
+    if all(sops) and len(set(sops)) < len(sops):
+        problems.append(f"{len(sops) - len(set(sops))} source SOPInstanceUIDs are duplicated")
+    return problems
+
+
+def _vm_allowed(spec: str, n: int) -> bool:
+    """Does a value multiplicity ``n`` satisfy a dictionary VM like ``1``, ``1-3``, ``1-n``, ``2-2n``?"""
+    if n == 0:
+        return True
+    lo, _, hi = spec.partition("-")
+    if not hi:
+        return not lo.isdigit() or n == int(lo)
+    if hi.endswith("n"):
+        step = int(hi[:-1] or 1)
+        return n >= int(lo) and n % step == 0
+    return int(lo) <= n <= int(hi)
+
+
+def seg_dataset_problems(ds, prefix: str = "") -> list[tuple[str, str]]:
+    """``(attribute path, problem)`` for every value of ``ds`` (recursively) a DICOM validator would reject: UIDs
+    (empty or malformed), values invalid for their VR (length, characters, dates), control characters in short
+    text, and value multiplicities the data dictionary does not allow (a backslash in a single-valued LO)."""
+    problems: list[tuple[str, str]] = []
+    for elem in ds:
+        name = prefix + (elem.keyword or str(elem.tag))
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value or []):
+                problems += seg_dataset_problems(item, f"{name}[{i}].")
+            continue
+        problems += [(name, why) for why in _element_problems(elem)]
+    return problems
+
+
+#: Enumerated values highdicom enforces on attributes it copies from the source.
+_ENUMERATED = {"PatientSex": {"M", "F", "O"}}
+
+
+def _element_problems(elem) -> list[str]:
+    """What a DICOM validator would reject in one (non-sequence) element."""
+    from pydicom import config
+    from pydicom.datadict import dictionary_VM
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import validate_value
+
+    if elem.VR not in _TEXT_VRS or elem.tag.is_private:
+        return []
+    values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+    if elem.VR == "UI" and not any(str(v or "") for v in values):
+        return ["empty UID"]
+    problems = []
+    try:
+        spec = dictionary_VM(elem.tag)
+    except KeyError:
+        spec = ""
+    if spec and not _vm_allowed(spec, elem.VM):
+        problems.append(f"{elem.VM} values where the dictionary allows {spec}")
+    for v in values:
+        if v is None or v == "":
+            continue
+        if elem.VR == "UI":
+            why = _uid_problem(v)
+            if why:
+                problems.append(f"UID {why}")
+            continue
+        orig = getattr(v, "original_string", None)  # as read: DS/IS text, PN bytes
+        text = orig.decode("latin-1") if isinstance(orig, bytes) else str(orig or v)
+        if any(ord(c) < 0x20 and c != "\x1b" for c in text):
+            problems.append("control character in the value")
+            continue
+        allowed = _ENUMERATED.get(elem.keyword)
+        if allowed and text not in allowed:
+            problems.append(f"{display_text(text)[:20]!r} is not one of {sorted(allowed)}")
+            continue
+        try:
+            validate_value(elem.VR, text, config.RAISE)
+        except (ValueError, TypeError) as e:
+            problems.append(display_text(" ".join(str(e).split()))[:120])
+    return problems
+
+
+def _repair_seg(ds, repairs: list[str]) -> None:
+    """Blank (type 2) or drop (type 3) invalid top-level values that do not link a SEG to its source; each
+    attribute is noted once in ``repairs``."""
+    for name in sorted(_SEG_TYPE2_REPAIRABLE | _SEG_TYPE3_REPAIRABLE):
+        if name not in ds:
+            continue
+        why = _element_problems(ds[name])
+        if not why:
+            continue
+        if name in _SEG_TYPE2_REPAIRABLE:
+            setattr(ds, name, "")
+            note = f"{name}: {why[0]}; left empty in the SEG (source unchanged)"
+        else:
+            delattr(ds, name)
+            note = f"{name}: {why[0]}; left out of the SEG (source unchanged)"
+        if not any(r.startswith(f"{name}:") for r in repairs):
+            repairs.append(note)
+
+
+def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str, repairs: list[str] | None = None) -> Path:
+    """DICOM Segmentation (binary, one segment) referencing the source instances, via highdicom.
+
+    Validated before it is written: the source UIDs first (:func:`seg_source_problems`), then every value of the
+    SEG highdicom built (:func:`seg_dataset_problems`). Invalid copied values that do not link the SEG to its
+    source (a StudyDescription with a backslash, a malformed PatientSex) are repaired in the SEG and listed in
+    ``repairs``; anything else raises :class:`SegNotWritten` and nothing is written.
+    """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     from monai_covid import __version__
 
+    problems = seg_source_problems(volume.headers)
+    if problems:
+        raise SegNotWritten("; ".join(problems[:3]))
     sources = []
+    done: list[str] = []
     for h in volume.headers:
-        h = copy.copy(h)  # in-memory copy: the type-2 attributes highdicom requires may be absent in the source
+        h = copy.deepcopy(h)  # in-memory copy (a shallow one shares the elements): type-2 values get filled, repaired
         for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                     "ReferringPhysicianName", "StudyID", "AccessionNumber"):
             if key not in h:
                 setattr(h, key, "")
+        _repair_seg(h, done)  # highdicom copies these into the SEG (and refuses some invalid ones)
         sources.append(h)
     desc = hd.seg.SegmentDescription(
         segment_number=1,
@@ -206,7 +376,26 @@ def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str) -> Pat
             name=algorithm, version=__version__, family=codes.DCM.ArtificialIntelligence
         ),
     )
-    seg = hd.seg.Segmentation(
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's value warnings: the validation below reports them in one line
+        try:
+            seg = _build_seg(hd, sources, mask, desc, algorithm, __version__)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise SegNotWritten(f"highdicom refused the source ({display_text(' '.join(str(e).split()))[:200]})") from None
+    _repair_seg(seg, done)
+    left = seg_dataset_problems(seg)
+    if left:
+        raise SegNotWritten("; ".join(f"{name}: {why}" for name, why in left[:3])
+                            + (f" (and {len(left) - 3} more)" if len(left) > 3 else ""))
+    if repairs is not None:
+        repairs.extend(done)
+    return atomic_save_with(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True) if _has_enforce() else seg.save_as(tmp))
+
+
+def _build_seg(hd, sources, mask, desc, algorithm, version):
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -217,12 +406,11 @@ def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str) -> Pat
         instance_number=1,
         manufacturer="monai-covid",
         manufacturer_model_name=f"monai-covid {algorithm}",
-        software_versions=__version__,
+        software_versions=version,
         device_serial_number="none",
         series_description=f"COVID-19 lesions ({algorithm})",
         omit_empty_frames=False,
     )
-    return atomic_save_with(path, lambda tmp: seg.save_as(tmp, enforce_file_format=True) if _has_enforce() else seg.save_as(tmp))
 
 
 def _has_enforce() -> bool:
@@ -253,6 +441,39 @@ def _load_result(out_dir: Path) -> dict[str, Any] | None:
     return result
 
 
+#: The volume detector (ResNeXt+) was trained on bags of up to 32 slices drawn from whole-chest series (P001,
+#: normal001: ~150 slices, ~300 mm) and 2D slices; on fewer slices, or on a short stretch of lung, its probability
+#: has no meaning for the scan. Below either minimum the case gets no COVID call and a warning (the probability is
+#: still reported).
+DETECTOR_MIN_SLICES = 32
+DETECTOR_MIN_LUNG_EXTENT_MM = 150.0
+
+
+def detector_coverage(lung: np.ndarray, spacing_zyx: tuple[float, float, float]) -> dict[str, Any]:
+    """How much of the chest a series covers, and whether the volume detector's call is meaningful on it."""
+    n = int(lung.shape[0])
+    z = np.flatnonzero(lung.reshape(n, -1).any(axis=1))
+    extent = float((z[-1] - z[0] + 1) * spacing_zyx[0]) if z.size else 0.0
+    return {
+        "n_slices": n,
+        "lung_extent_mm": round(extent, 1),
+        "lung_in_first_slice": bool(z.size and z[0] == 0),
+        "lung_in_last_slice": bool(z.size and z[-1] == n - 1),
+        "min_slices": DETECTOR_MIN_SLICES,
+        "min_lung_extent_mm": DETECTOR_MIN_LUNG_EXTENT_MM,
+        "assessable": n >= DETECTOR_MIN_SLICES and extent >= DETECTOR_MIN_LUNG_EXTENT_MM,
+    }
+
+
+def coverage_warning(cov: dict[str, Any], prob: float) -> str:
+    cut = [w for w, k in (("first", "lung_in_first_slice"), ("last", "lung_in_last_slice")) if cov[k]]
+    cut_text = f", lung cut off at the {' and '.join(cut)} slice" if cut else ""
+    return (f"partial series ({cov['n_slices']} slices, {cov['lung_extent_mm']:.0f} mm of lung{cut_text}): the volume "
+            f"COVID detector needs a whole-chest series (at least {cov['min_slices']} slices and "
+            f"{cov['min_lung_extent_mm']:.0f} mm of lung), so its P(COVID) {prob:.2f} is no COVID/not-COVID call "
+            f"for this scan; the lung mask and lesion segmentation are valid")
+
+
 def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool = True) -> dict[str, Any]:
     """Run the CT models on one case and write its outputs; returns the result record (no status fields)."""
     from data_prep.lung import lung_mask, lung_volume_ml
@@ -264,8 +485,9 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
     if not lung.any():
         raise InputError(job.case.path, "no lung found (is this a chest CT in HU?)")
     outputs: dict[str, str] = {}
+    warnings: list[str] = []
     record: dict[str, Any] = {"n_slices": vol.n_slices, "spacing_zyx_mm": list(vol.spacing),
-                              "shape_zyx": list(vol.array.shape)}
+                              "shape_zyx": list(vol.array.shape), "warnings": warnings}
     record["lung_volume_ml"] = round(lung_volume_ml(lung, vol.spacing), 1)
     write_like(lung.astype(np.uint8), vol, out_dir / "lung_mask.nii.gz")
     outputs["lung_mask"] = "lung_mask.nii.gz"
@@ -278,14 +500,29 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
         record["lesion_volume_ml"] = round(lesion_ml, 2)
         record["lesion_percent_of_lung"] = round(100.0 * lesion_ml / max(record["lung_volume_ml"], 1e-6), 3)
         if write_seg and vol.kind == "dicom":
-            write_dicom_seg(lesion, vol, out_dir / "lesion_seg.dcm", algorithm=models.lesion_name)
-            outputs["dicom_seg"] = "lesion_seg.dcm"
+            repairs: list[str] = []
+            try:
+                write_dicom_seg(lesion, vol, out_dir / "lesion_seg.dcm", algorithm=models.lesion_name, repairs=repairs)
+            except SegNotWritten as e:
+                (out_dir / "lesion_seg.dcm").unlink(missing_ok=True)  # a SEG of an earlier run of this case
+                record["dicom_seg"] = {"written": False, "reason": str(e)}
+                warnings.append(f"no DICOM SEG: {e}; the NIfTI outputs are complete")
+            else:
+                outputs["dicom_seg"] = "lesion_seg.dcm"
+                record["dicom_seg"] = {"written": True, "repairs": repairs}
+                if repairs:
+                    warnings.append(f"DICOM SEG written with {len(repairs)} repaired value(s), see result.json")
     if models.has("detector"):
         prob, slice_scores = models.detect_covid(vol.array, lung)
         slice_thr = float(models.config("resnextplus", "postprocessing#slice_threshold", 0.5))
         volume_thr = float(models.config("resnextplus", "postprocessing#volume_threshold", 0.5))
+        coverage = detector_coverage(lung, vol.spacing)
         record["covid_probability"] = round(float(prob), 4)
-        record["covid_label"] = int(prob >= volume_thr)
+        record["detector_coverage"] = coverage
+        # a partial series gets no COVID/not-COVID call: the probability is kept, with the reason beside it
+        record["covid_label"] = int(prob >= volume_thr) if coverage["assessable"] else None
+        if not coverage["assessable"]:
+            warnings.append(coverage_warning(coverage, prob))
         record["slice_scores"] = [round(float(s), 4) for s in slice_scores]
         record["slice_covid"] = [int(s >= slice_thr) for s in slice_scores]
         record["instance_numbers"] = vol.instance_numbers or list(range(1, vol.n_slices + 1))
@@ -362,13 +599,13 @@ def _run_cxr(models: ModelSet, path: Path, out_dir: Path) -> dict[str, Any]:
 
 def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
     out_dir = output / job.case_id
-    base = {"case_id": job.case_id, "source": job.case.rel, "version": RESULT_VERSION}
+    base = {"case_id": job.case_id, "source": display_text(job.case.rel), "version": RESULT_VERSION}
     t0 = time.perf_counter()
     modality = "cxr" if (job.case.kind == "image" and args.modality == "cxr") or job.case.modality == "cxr" else "ct"
     base["modality"] = modality
     try:
         if job.case.error:
-            raise InputError(job.case.path, job.case.error.split(": ", 1)[-1])
+            raise InputError(job.case.path, job.case.error)
         if job.case.kind == "image":
             record = process_image_case(job, models, out_dir, args.modality)
         elif modality == "cxr":
@@ -381,10 +618,10 @@ def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
     except InputError as e:
         result = {**base, "status": "failed", "error": str(e)}
     except MemoryError:
-        result = {**base, "status": "failed", "error": f"{job.case.path}: out of memory"}
+        result = {**base, "status": "failed", "error": f"{display_text(job.case.path)}: out of memory"}
     except Exception as e:  # a bug or an unforeseen input must not stop the batch; keep the message to one line
-        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        result = {**base, "status": "failed", "error": f"{job.case.path}: {msg}"}
+        msg = display_text(" ".join(f"{type(e).__name__}: {e}".split()))[:300]
+        result = {**base, "status": "failed", "error": f"{display_text(job.case.path)}: {msg}"}
         if os.environ.get("MONAI_COVID_DEBUG"):
             traceback.print_exc()
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -396,45 +633,65 @@ def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
 
 
 def _assign_ids(cases: list[Case]) -> list[Job]:
+    """File-name-safe, unique output folder names; the batch's own file names and names differing only in case
+    (one folder on a case-insensitive file system) get a suffix."""
     used: set[str] = set()
     jobs = []
     for c in cases:
         base = safe_name(c.rel)
         cid, i = base, 1
-        while cid in used or cid in ("report", "report.csv", "report.html"):
+        while cid.casefold() in used or cid.casefold() in RESERVED_NAMES:
             i += 1
             cid = f"{base}_{i}"
-        used.add(cid)
+        used.add(cid.casefold())
         jobs.append(Job(c, cid))
     return jobs
 
 
 def _fmt(v: Any) -> Any:
-    return "" if v is None else v
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        return "; ".join(display_text(x) for x in v)
+    if isinstance(v, (bool, int, float, np.integer, np.floating)):
+        return v
+    return display_text(v)
+
+
+def _report_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One report row; a value that cannot be shown spoils only its own cell."""
+    row = {}
+    for k in REPORT_COLUMNS:
+        try:
+            row[k] = _fmt(r.get(k))
+        except Exception as e:  # noqa: BLE001 - a report must never stop at one odd value
+            row[k] = f"(value not shown: {type(e).__name__})"
+    return row
 
 
 def write_report(results: list[dict[str, Any]], output: Path) -> None:
-    rows = [{k: _fmt(r.get(k)) for k in REPORT_COLUMNS} for r in results]
-    atomic_write_csv(output / "report.csv", rows, REPORT_COLUMNS)
-    n_ok = sum(r["status"] == "ok" for r in results)
+    rows = [_report_row(r) for r in results]
+    atomic_write_csv(output / "report.csv", rows, REPORT_COLUMNS, safe_cells=True)
+    n_ok = sum(r.get("status") == "ok" for r in results)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in REPORT_COLUMNS if c != "models")
     body = []
-    for r in results:
-        cells = "".join(f"<td>{html.escape(str(_fmt(r.get(c))))}</td>" for c in REPORT_COLUMNS if c != "models")
+    for r, row in zip(results, rows):
+        cells = "".join(f"<td>{html.escape(str(row[c]))}</td>" for c in REPORT_COLUMNS if c != "models")
         img = ""
         overlay = (r.get("outputs") or {}).get("overlay")
-        if r["status"] == "ok" and overlay:
-            src = html.escape(f"{r['case_id']}/{overlay}")
+        if r.get("status") == "ok" and overlay:
+            src = html.escape(f"{row['case_id']}/{overlay}")
             img = f'<tr><td colspan="{len(REPORT_COLUMNS) - 1}"><a href="{src}"><img src="{src}" style="max-width:1024px"></a></td></tr>'
-        cls = "ok" if r["status"] == "ok" else "failed"
+        cls = "failed" if r.get("status") != "ok" else "warn" if r.get("warnings") else "ok"
         body.append(f'<tr class="{cls}">{cells}</tr>{img}')
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>monai-covid report</title>
 <style>body{{font-family:sans-serif;margin:1em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
-tr.failed td{{background:#fdd}} th{{background:#eee}}</style></head><body>
+tr.failed td{{background:#fdd}} tr.warn td{{background:#ffc}} th{{background:#eee}}</style></head><body>
 <h1>monai-covid report</h1>
-<p>{n_ok} of {len(results)} cases succeeded. Models: {html.escape(results[0].get('models', '') if results else '')}.
-Red: lesions; green: lung outline. Research use only, not for diagnosis.</p>
+<p>{n_ok} of {len(results)} cases succeeded. Models: {html.escape(display_text(results[0].get('models', '')) if results else '')}.
+Red: lesions; green: lung outline. Yellow rows: read the <code>warnings</code> column before the numbers.
+Research use only, not for diagnosis.</p>
 <table><tr>{head}</tr>
 {''.join(body)}
 </table></body></html>
@@ -448,15 +705,15 @@ def write_skipped(skipped: list[tuple[str, str]], inp: Path, output: Path, quiet
     from collections import Counter
 
     def rel(p: str) -> str:
-        return os.path.relpath(p, inp) if inp.is_dir() else Path(p).name
+        return display_text(os.path.relpath(p, inp) if inp.is_dir() else Path(p).name)
 
-    rows = [{"path": rel(p), "reason": why} for p, why in skipped]
-    atomic_write_csv(output / "skipped.csv", rows, ["path", "reason"])
+    rows = [{"path": rel(p), "reason": display_text(why)} for p, why in skipped]
+    atomic_write_csv(output / "skipped.csv", rows, ["path", "reason"], safe_cells=True)
     if rows and not quiet:
         kinds = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rows)
         summary = ", ".join(f"{n} {k}" for k, n in kinds.most_common())
-        print(f"skipped {len(rows)} file(s) that are not cases ({summary}); list: {output / 'skipped.csv'}",
-              file=sys.stderr)
+        print(f"skipped {len(rows)} file(s) that are not cases ({summary}); list: "
+              f"{display_text(output / 'skipped.csv')}", file=sys.stderr)
 
 
 def _remove_staging_files(output: Path, case_ids: list[str]) -> None:
@@ -466,6 +723,28 @@ def _remove_staging_files(output: Path, case_ids: list[str]) -> None:
             for p in folder.glob(".*.part*"):
                 if p.is_file():
                     p.unlink(missing_ok=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a batch (``signum`` says which); the CLI exits with 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (main thread only); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, _raise_interrupted)
+    return previous
 
 
 def _dist_info() -> tuple[int, int]:
@@ -479,7 +758,7 @@ def run_batch(args) -> int:
 
     inp, output = Path(args.input), Path(args.output)
     if not inp.exists():
-        raise UsageError(f"{inp}: no such file or folder")
+        raise UsageError(f"{display_text(inp)}: no such file or folder")
     _check_output_outside_input(inp, output)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
@@ -496,25 +775,35 @@ def run_batch(args) -> int:
     skipped: list[tuple[str, str]] = []
     cases = find_cases(inp, include_images=args.modality is not None, skipped=skipped)
     if inp.is_file() and not cases:
-        raise UsageError(f"{inp}: not a NIfTI file, DICOM series or image")
+        raise UsageError(f"{display_text(inp)}: not a NIfTI file, DICOM series or image")
     jobs = _assign_ids(cases)
     mine = jobs[rank::world]
     output.mkdir(parents=True, exist_ok=True)
     _remove_staging_files(output, [j.case_id for j in mine])
     results: list[dict[str, Any]] = []
     bar = tqdm(mine, desc="infer", unit="case", disable=args.quiet, file=sys.stderr)
-    for job in bar:
-        bar.set_postfix_str(job.case_id[:30])
-        previous = None if args.overwrite else _load_result(output / job.case_id)
-        if previous is not None:
-            results.append(previous)
-            continue
-        result = _run_job(job, models, output, args)
-        results.append(result)
-        if result["status"] != "ok" and not args.quiet:
-            tqdm.write(f"failed: {result['error']}", file=sys.stderr)
-        if world == 1:
-            write_report(results, output)  # keep a usable report even if the run is killed
+    try:
+        for job in bar:
+            bar.set_postfix_str(job.case_id[:30])
+            previous = None if args.overwrite else _load_result(output / job.case_id)
+            if previous is not None:
+                results.append(previous)
+                continue
+            result = _run_job(job, models, output, args)
+            results.append(result)
+            if result["status"] != "ok" and not args.quiet:
+                tqdm.write(f"failed: {result['error']}", file=sys.stderr)
+            if world == 1:
+                write_report(results, output)  # keep a usable report even if the run is killed
+    except KeyboardInterrupt:
+        # a second signal must not interrupt the clean-up: the staging files of the case in progress go, the
+        # finished cases stay complete (a rerun skips them and resumes with the rest)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+        bar.close()
+        _remove_staging_files(output, [j.case_id for j in mine])
+        raise
     if world > 1:
         import torch.distributed as dist
 
@@ -529,9 +818,12 @@ def run_batch(args) -> int:
         write_skipped(skipped, inp, output, quiet=args.quiet)
         n_failed = sum(r["status"] != "ok" for r in results)
         if not args.quiet:
+            for r in results:
+                for w in r.get("warnings") or []:
+                    print(f"note: {r['case_id']}: {display_text(w)}")
             total = sum(float(r.get("seconds") or 0) for r in results)
             print(f"{len(results) - n_failed} of {len(results)} cases ok, {n_failed} failed, {total:.1f} s; "
-                  f"report: {output / 'report.html'} ({output / 'report.csv'})")
+                  f"report: {display_text(output / 'report.html')} ({display_text(output / 'report.csv')})")
     else:
         n_failed = sum(r["status"] != "ok" for r in results)
     if world > 1:
@@ -539,5 +831,5 @@ def run_batch(args) -> int:
 
         dist.destroy_process_group()
     if not results and rank == 0 and not args.quiet:
-        print(f"no cases found under {inp}", file=sys.stderr)
+        print(f"no cases found under {display_text(inp)}", file=sys.stderr)
     return EXIT_OK if n_failed == 0 else EXIT_FAILED

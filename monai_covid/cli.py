@@ -25,7 +25,9 @@ class UsageError(Exception):
 
 
 def _err(msg: str) -> None:
-    print(f"monai-covid: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    from monai_covid.io_utils import display_text
+
+    print(f"monai-covid: error: {display_text(' '.join(str(msg).split()))}", file=sys.stderr)
 
 
 def _check_output_outside_input(inp: Path, out: Path) -> None:
@@ -136,9 +138,16 @@ def cmd_datalist(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- infer
 def cmd_infer(args: argparse.Namespace) -> int:
-    from monai_covid.batch import run_batch
+    import signal
 
-    return run_batch(args)
+    from monai_covid.batch import install_signal_handlers, run_batch
+
+    previous = install_signal_handlers()  # SIGINT/SIGTERM: staging files removed, one line, exit 130/143
+    try:
+        return run_batch(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _add_infer(sub) -> None:
@@ -201,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.io import InputError
 
+    for stream in (sys.stdout, sys.stderr):  # a console that cannot show a character must not stop a batch
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+    import pydicom
+
+    # header values a reader does not need to be valid (a UUID in a UID) are checked where they matter (DICOM SEG);
+    # pydicom's per-value warnings would only flood stderr
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with 2 on usage errors
     try:
@@ -211,9 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         _err(e)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"monai-covid: interrupted by {signal.Signals(signum).name}; finished cases are kept, run the same "
+              "command again to resume", file=sys.stderr)
+        return 128 + signum
     except (OSError, ValueError, RuntimeError) as e:
         _err(f"{type(e).__name__}: {e}")
         return EXIT_FAILED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -80,3 +81,22 @@ def test_help_on_every_command():
     for cmd in ([], ["convert"], ["lungmask"], ["infer"], ["datalist"]):
         r = _run(*cmd, "--help")
         assert r.returncode == 0 and "usage: monai-covid" in r.stdout
+
+
+def test_names_that_are_not_utf8_or_hold_control_characters(sample_series, tmp_path):
+    """A Latin-1 folder name (old Windows/Samba exports) is read; a newline/ANSI name shows escaped on one line."""
+    (tmp_path / "in").mkdir()
+    latin1 = os.path.join(os.fsdecode(tmp_path / "in"), os.fsdecode(b"s\xe9rie"))
+    os.mkdir(latin1)
+    for f in sorted(sample_series.glob("*.dcm"))[:3]:
+        shutil.copyfile(f, os.path.join(latin1, f.name))
+    r = _run("convert", tmp_path / "in", tmp_path / "conv")
+    assert r.returncode == 0, r.stderr
+    assert sitk.ReadImage(str(tmp_path / "conv" / "s_rie.nii.gz")).GetSize() == (512, 512, 3)
+    r = _run("lungmask", latin1, tmp_path / "lung.nii.gz")
+    assert r.returncode == 0, r.stderr
+    odd = tmp_path / "odd\n\x1b[31mname\r"
+    r = _run("lungmask", odd, tmp_path / "o.nii.gz")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "\x1b" not in r.stderr and "\r" not in r.stderr
+    assert "odd\\n\\x1b[31mname\\r: no such file or folder" in lines[0]

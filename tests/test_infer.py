@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from monai_covid.batch import REPORT_COLUMNS
 from monai_covid.cli import main
+from tests.corpus.dciodvfy import assert_valid_dicom
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -112,6 +113,7 @@ def test_dicom_case_outputs(batch):
     assert seg.SegmentSequence[0].SegmentLabel == "COVID-19 lesion"
     frames = seg.get_pixels_by_source_instance(sorted(sops), segment_numbers=[1], ignore_spatial_locations=True)
     assert int(frames.sum()) == int(lesion.sum())
+    assert_valid_dicom(case / "lesion_seg.dcm")  # 0 dciodvfy errors: a PACS takes it
     result = json.loads((case / "result.json").read_text())
     assert result["complete"] and result["status"] == "ok" and result["source"] == "site A/P001 sample"
 
@@ -236,3 +238,46 @@ def test_torchrun_shards_cases_and_merges_report(tmp_path):
         rows = list(csv.DictReader(f))
     assert [x["case_id"] for x in rows] == ["ct0", "ct1", "ct2"] and all(x["status"] == "ok" for x in rows)
     assert all((tmp_path / "out" / f"ct{i}" / "result.json").is_file() for i in range(3))
+
+
+def test_detector_coverage_rule():
+    """A whole-chest series is assessable; a short stretch of lung or few slices is not (no COVID call)."""
+    from monai_covid.batch import DETECTOR_MIN_LUNG_EXTENT_MM, DETECTOR_MIN_SLICES, detector_coverage
+
+    lung = np.zeros((160, 8, 8), bool)
+    lung[10:150, 2:6, 2:6] = True
+    cov = detector_coverage(lung, (2.0, 0.7, 0.7))
+    assert cov["assessable"] and cov["lung_extent_mm"] == 280.0
+    assert not cov["lung_in_first_slice"] and not cov["lung_in_last_slice"]
+    part = detector_coverage(lung[60:90], (2.0, 0.7, 0.7))  # 30 slices: like the shipped sample
+    assert not part["assessable"] and part["lung_in_first_slice"] and part["lung_in_last_slice"]
+    thick = detector_coverage(lung[::8], (16.0, 0.7, 0.7))  # 20 slices of 16 mm: enough lung, too few slices
+    assert thick["lung_extent_mm"] >= DETECTOR_MIN_LUNG_EXTENT_MM and thick["n_slices"] < DETECTOR_MIN_SLICES
+    assert not thick["assessable"]
+
+
+def test_detector_coverage_of_the_real_series(p001_volume, p001_lung):
+    from monai_covid.batch import detector_coverage
+
+    cov = detector_coverage(p001_lung, p001_volume.spacing)
+    assert cov["assessable"] and cov["n_slices"] == 148 and cov["lung_extent_mm"] > 200
+
+
+def test_demo_sample_says_what_it_cannot_show(repo_root, tmp_path, capsys):
+    """`make demo` input: 30 slices of a COVID-19 CT. The detector's probability comes with the reason it is no call."""
+    out = tmp_path / "demo"
+    rc = main(["infer", str(repo_root / "samples" / "ct_dicom"), str(out), "--models", "asegnet", "resnextplus"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads((out / "P001_slices60-89" / "result.json").read_text())
+    cov = result["detector_coverage"]
+    assert cov["assessable"] is False and cov["n_slices"] == 30 and 50 <= cov["lung_extent_mm"] <= 62
+    assert result["covid_label"] is None and 0.0 <= result["covid_probability"] <= 1.0
+    assert any(w.startswith("partial series (30 slices") for w in result["warnings"])
+    note = [ln for ln in printed.splitlines() if ln.startswith("note: P001_slices60-89: partial series")]
+    assert len(note) == 1 and "no COVID/not-COVID call" in note[0], printed
+    with open(out / "report.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["warnings"].startswith("partial series") and row["covid_probability"] != ""
+    assert result["dicom_seg"] == {"written": True, "repairs": []}
+    assert_valid_dicom(out / "P001_slices60-89" / "lesion_seg.dcm")

@@ -2,7 +2,15 @@
 
 ``python tests/corpus/make_corpus.py OUT [--sample samples/ct_dicom/P001_slices60-89]`` writes the corpus under OUT
 and ``OUT/../corpus_expected.json`` listing, per case folder/file, what ``infer`` should do with it:
-``"ok"``, ``"failed"`` or ``"skipped"`` (not a case: localizers, non-image objects, non-DICOM files).
+``"ok"``, ``"failed"`` or ``"skipped"`` (not a case: localizers, non-image objects, non-DICOM files, and what the
+walk cannot reach). Keys are the top-level names as the report shows them (``display_text``: a Latin-1 byte as
+``\\xe9``, a newline as ``\\n``).
+
+Real-world names and dirty DICOM (issue 22): names that are not UTF-8, hold newlines, carriage returns or ANSI
+escapes, start with a spreadsheet formula character or equal the batch's own report files; a series whose
+SOPInstanceUIDs are empty and whose Study/Series UIDs are UUID text; patient/study tags with control characters;
+a series below a path longer than PATH_MAX, a folder nested deeper than the walk goes, a FIFO, a broken link and
+(when not run as root) a folder and a file without read permission.
 """
 
 from __future__ import annotations
@@ -12,12 +20,15 @@ import gzip
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
+
+from monai_covid.io_utils import display_text
 
 N_SLICES = 5  # slices per synthetic series: enough for a volume, small enough to keep the test quick
 
@@ -42,13 +53,62 @@ def _series(sample: Path, dst: Path, n: int = N_SLICES, new_uid: bool = True) ->
 
 
 def _edit(path: Path, **attrs) -> None:
-    ds = pydicom.dcmread(path)
-    for k, v in attrs.items():
-        if v is None:
-            delattr(ds, k)
-        else:
-            setattr(ds, k, v)
-    ds.save_as(path)
+    """Set (``None``: delete) header attributes; invalid values are written as given (real files have them)."""
+    from pydicom import config
+
+    modes = config.settings.reading_validation_mode, config.settings.writing_validation_mode
+    config.settings.reading_validation_mode = config.settings.writing_validation_mode = config.IGNORE
+    try:
+        ds = pydicom.dcmread(path)
+        for k, v in attrs.items():
+            if v is None:
+                delattr(ds, k)
+            else:
+                setattr(ds, k, v)
+        ds.save_as(path)
+    finally:
+        config.settings.reading_validation_mode, config.settings.writing_validation_mode = modes
+
+
+def dirty_uid_series(sample: Path, dst: Path, n: int = N_SLICES, empty_sop: bool = True) -> list[Path]:
+    """A series as some anonymisers export it: SOPInstanceUIDs empty, Study/Series UIDs as UUID text (not the
+    dotted digits a DICOM UID must be)."""
+    files = _series(sample, dst, n)
+    study, series = str(uuid.uuid4()), str(uuid.uuid4())
+    for f in files:
+        attrs = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+        if empty_sop:
+            attrs["SOPInstanceUID"] = ""
+        _edit(f, **attrs)
+        if empty_sop:
+            ds = pydicom.dcmread(f)
+            ds.file_meta.MediaStorageSOPInstanceUID = ""
+            ds.save_as(f)
+    return files
+
+
+def _mkdir_fd(parent_fd: int, name: bytes) -> int:
+    os.mkdir(name, dir_fd=parent_fd)
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent_fd)
+
+
+def make_long_path(base: Path, payload: Path, min_bytes: int = 4200) -> bytes:
+    """Move the folder ``payload`` to below ``base`` at a path longer than ``min_bytes`` (more than PATH_MAX, so it
+    cannot be opened by name); built with folder descriptors. Returns the path relative to ``base`` (bytes)."""
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    rel = b""
+    try:
+        i = 0
+        while len(os.fsencode(base)) + len(rel) < min_bytes:
+            name = b"%02d_" % i + b"x" * 200
+            new = _mkdir_fd(fd, name)
+            os.close(fd)
+            fd, rel, i = new, rel + name + b"/", i + 1
+        os.rename(payload, "series", dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    return rel + b"series"
 
 
 def _transcode(files: list[Path], syntax) -> None:
@@ -75,7 +135,10 @@ def _nifti(arr: np.ndarray, path: Path, spacing=(2.0, 2.0, 4.0)) -> None:
     img = sitk.GetImageFromArray(arr)
     if img.GetDimension() == len(spacing):
         img.SetSpacing(spacing)
-    sitk.WriteImage(img, str(path))
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    tmp = path.parent / f".staging{suffix}"  # SimpleITK takes UTF-8 names only; the final name may be any bytes
+    sitk.WriteImage(img, str(tmp))
+    os.replace(tmp, path)
 
 
 def make_corpus(out: Path, sample: Path) -> dict[str, str]:
@@ -177,7 +240,75 @@ def make_corpus(out: Path, sample: Path) -> dict[str, str]:
     h.set_data_dtype(np.int16)
     with gzip.open(huge, "wb") as f:
         f.write(h.binaryblock + b"\x00" * 4 + b"\x00" * 64)
+    add_real_world_names_and_dirty_dicom(out, sample, expected)
     return expected
+
+
+def add_real_world_names_and_dirty_dicom(out: Path, sample: Path, expected: dict[str, str]) -> None:
+    """The cases of issue 22 (see the module docstring); ``expected`` keys are display names."""
+
+    def case(name: str | bytes, outcome: str) -> str:
+        """The path (``str``, surrogate-escaped where the name is not UTF-8) of a new top-level entry."""
+        key = display_text(os.fsdecode(name) if isinstance(name, bytes) else name)
+        expected[key] = outcome
+        return os.path.join(os.fsdecode(out), os.fsdecode(name))
+
+    ct = _chest_phantom()
+    # names the OS allows: Latin-1 bytes (old Windows/Samba exports), newline, CR, ANSI escapes, formula starts
+    _series(sample, Path(case(b"dicom_latin1_caf\xe9_s\xe9rie", "ok")))
+    _nifti(ct, Path(case(b"nifti_latin1_\xe9t\xe9.nii.gz", "ok")))
+    _series(sample, Path(case("dicom_newline\nin name", "ok")))
+    _series(sample, Path(case("dicom_carriage\rreturn", "ok")))
+    _series(sample, Path(case("dicom_ansi_\x1b[31mred\x1b[0m_\x1b]0;title\x07", "ok")))
+    _nifti(ct, Path(case("=HYPERLINK(\"http---x\";\"y\").nii.gz", "ok")))
+    _nifti(ct, Path(case("+plus.nii.gz", "ok")))
+    _nifti(ct, Path(case("-minus.nii.gz", "ok")))
+    _nifti(ct, Path(case("@at.nii.gz", "ok")))
+    # case folders named like the batch's own files
+    for name in ("report.csv", "report.html", "skipped.csv"):
+        _series(sample, Path(case(name, "ok")))
+    # dirty DICOM
+    dirty_uid_series(sample, Path(case("dicom_dirty_uids", "ok")))  # no SEG, reason in result.json and report
+    dirty_uid_series(sample, Path(case("dicom_uuid_study_series", "ok")), empty_sop=False)
+    files = _series(sample, Path(case("dicom_tags_with_control_chars", "ok")))
+    for f in files:  # a SEG must copy the patient name; an invalid one means no SEG (with the reason)
+        _edit(f, PatientName="Doe^\x1b[31mJohn\nX", StudyDescription="line1\r\nline2", PatientSex="X")
+    files = _series(sample, Path(case("dicom_study_tags_repairable", "ok")))
+    for f in files:  # repaired in the SEG only: type 2/3 values that do not link the SEG to the images
+        _edit(f, StudyDescription="a\\b", PatientSex="unknown", StudyDate="2020-03-01")
+    files = _series(sample, Path(case("dicom_modality_with_escapes", "failed")))
+    for f in files:
+        _edit(f, Modality="M\x1b[2J\nR")
+    # what the walk cannot reach
+    long_root = Path(case("path_longer_than_path_max", "skipped"))
+    staging = out / ".long_series_staging"
+    _series(sample, staging)
+    make_long_path(long_root, staging)
+    deep = Path(case("folder_too_deep", "skipped"))
+    from data_prep.io import MAX_DEPTH
+
+    bottom = deep.joinpath(*["d"] * (MAX_DEPTH + 1))
+    bottom.mkdir(parents=True)
+    _nifti(ct, bottom / "ct.nii.gz")
+    special = Path(case("special_files", "skipped"))
+    special.mkdir()
+    os.mkfifo(special / "fifo.dcm")
+    os.symlink(special / "missing.dcm", special / "broken_link.dcm")
+    root = os.geteuid() == 0  # root reads everything: there the folder and the file are ordinary cases
+    locked = Path(case("no_read_permission", "ok" if root else "skipped"))
+    _series(sample, locked)
+    locked.chmod(0)
+    locked_file = Path(case("locked_file.nii.gz", "ok" if root else "skipped"))
+    _nifti(ct, locked_file)
+    locked_file.chmod(0)
+
+
+def restore_permissions(out: Path) -> None:
+    """Make the corpus removable again (``no_read_permission`` and ``locked_file.nii.gz`` are mode 000)."""
+    for name in ("no_read_permission", "locked_file.nii.gz"):
+        p = out / name
+        if p.exists():
+            p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def main() -> int:
