@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test clean label-env label test-label
+.PHONY: venv demo test clean label-env label test-label dicom3tools
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ demo: $(STAMP)
 	$(BIN)/monai-covid infer samples/ct_dicom out/demo --overwrite
 	@echo "Demo results: $(CURDIR)/out/demo/report.html (table: out/demo/report.csv)"
 
-test: $(STAMP)
+# dciodvfy (Debian package dicom3tools) validates every DICOM SEG the tests write; installed here when missing
+dicom3tools:
+	@command -v dciodvfy >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dicom3tools; \
+		elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo apt-get install -y -qq dicom3tools; \
+		else echo "dciodvfy missing: install the Debian package dicom3tools" >&2; exit 1; fi; }
+
+test: $(STAMP) dicom3tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
