@@ -1,5 +1,5 @@
-"""Volume-level COVID-19 detection with slice scores (ResNeXt+, paper 004): pre-processing, chunked inference,
-MIL bags for training, the MIL loss, slice-report writing and evaluation.
+"""Volume-level COVID-19 detection with slice scores (ResNeXt+, paper 004): pre-processing, chunked inference, the
+MIL loss, slice-report writing and evaluation (the training recipe, slice table and bags: ``monai_covid.volume_mil``).
 
 Pre-processing of a CT volume (``preprocess_volume``), the paper's chain with our documented choices:
 
@@ -7,22 +7,22 @@ Pre-processing of a CT volume (``preprocess_volume``), the paper's chain with ou
 2. Crop every slice to the square in-plane bounding box of the whole volume's lung mask (+8 % margin). Our choice:
    the 2D training slices (``ct_slices_cls``) are crops around the chest, so cropping the volume makes the two
    sources look alike; it also spends the network's pixels on the lungs.
-3. HU window ``[-950, 150]`` -> [0, 1] (``HUWindow``; matches the grey levels of lung and soft tissue in the 2D
-   screenshots), then the gamma-sigmoid tone map (``ToneMap``, gamma 1.5, a 0.35) applied to the [0, 1] image
+3. HU window ``[-1100, 250]`` -> [0, 1] (``HUWindow``; the display scale of the 8-bit lung-window slices, the same
+   window as the lesion bundles' ``monai_covid.inference.lesion.HU_WINDOW``), then the gamma-sigmoid tone map (``ToneMap``, gamma 1.5, a 0.35) applied to the [0, 1] image
    (``input_scale=1``; on a 0-255 scale, eq. 5 saturates everything brighter than about -1000 HU).
 4. Resize to ``size`` x ``size`` (paper 224; slim model 128); mask resized by nearest neighbour.
 
-Result per slice: 2 channels (image, lung mask). 8-bit 2D slices (``preprocess_slice_8bit``) are min-max scaled per
-image (their window is unknown), tone mapped, and get a lung mask from the lead's ``lung_mask`` on a pseudo-HU image
-(``-1200 + 1200 * p / 255``), falling back to a filled threshold mask when that finds no lung.
+Result per slice: 2 channels (image, lung mask). 8-bit 2D slices (``preprocess_slice_8bit``) are read on the same
+display scale (``p / 255``, as the lesion bundles read them), tone mapped, and get a lung mask from the lead's
+``lung_mask`` on the pseudo-HU image that scale implies (``-1100 + 1350 * p / 255``), falling back to a filled
+threshold mask when that finds no lung.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +42,7 @@ __all__ = [
     "encode_volume",
     "predict_volume",
     "predict_volume_details",
-    "SlicePool",
-    "MILBagDataset",
     "MILLoss",
-    "prepare_bag_batch",
-    "pretrain_slices",
-    "select_thresholds",
-    "balanced_subset",
-    "merge_pools",
-    "negative_series",
-    "finish_training",
     "binary_metrics",
     "VolumeDetectorRunner",
     "evaluate_ct_dicom",
@@ -59,7 +50,7 @@ __all__ = [
     "load_state_dict_fp16",
 ]
 
-VOLUME_WINDOW = (-950.0, 150.0)
+VOLUME_WINDOW = (-1100.0, 250.0)  # = monai_covid.inference.lesion.HU_WINDOW (display scale of the 8-bit sets)
 _TONE = ToneMap(gamma=1.5, a=0.35, input_scale=1.0)
 
 
@@ -110,12 +101,13 @@ def preprocess_volume(
     if crop:
         y0, y1, x0, x1 = box if box is not None else lung_crop_box(lung)
         hu, lung = hu[:, y0:y1, x0:x1], lung[:, y0:y1, x0:x1]
-    img = _TONE(HUWindow(window[0], window[1])(torch.as_tensor(np.ascontiguousarray(hu), dtype=torch.float32)))
+    img = HUWindow(window[0], window[1])(torch.as_tensor(np.ascontiguousarray(hu), dtype=torch.float32))
+    img = _TONE(torch.round(img * 255.0) / 255.0)  # 8-bit display levels, like the 2D training slices
     return _resize_pair(img, torch.as_tensor(np.ascontiguousarray(lung)), size)
 
 
-def _fallback_mask(u8: np.ndarray) -> np.ndarray:
-    m = ndi.binary_opening(u8 < 128, iterations=2)
+def _fallback_mask(u8: np.ndarray, threshold: float = 128.0) -> np.ndarray:
+    m = ndi.binary_opening(u8 < threshold, iterations=2)
     m = ndi.binary_fill_holes(m)
     labels, n = ndi.label(m)
     if n == 0:
@@ -126,20 +118,29 @@ def _fallback_mask(u8: np.ndarray) -> np.ndarray:
 
 
 def preprocess_slice_8bit(u8: np.ndarray, size: int = 128) -> torch.Tensor:
-    """A windowed 8-bit CT slice (y, x) (e.g. ``ct_slices_cls``) -> (2, size, size) float32 (image, lung mask)."""
+    """A windowed 8-bit CT slice (y, x) (e.g. ``ct_slices_cls``) -> (2, size, size) float32 (image, lung mask).
+
+    Image: ``p / 255`` (the display scale HU volumes are mapped to), tone mapped. Lung mask: the window of a 2D
+    set is unknown and differs between sets (lungs at grey 40 in coronacases, 150 in ct_slices_cls), so the
+    pseudo-HU image handed to ``lung_mask`` puts the image's Otsu threshold (air/lung vs. tissue) at -600 HU,
+    ``lung_mask``'s own threshold; a filled Otsu-threshold mask is the fallback when that finds no lung.
+    """
+    from skimage.filters import threshold_otsu
+
     from data_prep.lung import lung_mask
 
     a = np.asarray(u8, dtype=np.float32)
     if a.ndim == 3:
         a = a[..., 0]
-    lo, hi = float(a.min()), float(a.max())
-    img = (a - lo) / max(hi - lo, 1.0)
+    img = a / 255.0
+    otsu = float(threshold_otsu(a)) if a.max() > a.min() else 128.0
+    lo, hi = VOLUME_WINDOW
     try:
-        mask = lung_mask(-1200.0 + 1200.0 * a / 255.0)
+        mask = lung_mask(-600.0 + (a - otsu) * (hi - lo) / 255.0)
     except Exception:  # the fallback below is the documented behaviour for odd screenshots
         mask = np.zeros(a.shape, bool)
     if mask.sum() < 0.02 * mask.size:
-        mask = _fallback_mask(a)
+        mask = _fallback_mask(a, otsu)
     img_t = _TONE(torch.as_tensor(img))
     return _resize_pair(img_t[None], torch.as_tensor(mask)[None], size)[0]
 
@@ -212,187 +213,6 @@ def predict_volume(
 # ------------------------------------------------------------------------------------------------------ training
 
 
-class SlicePool:
-    """Pre-processed training slices: 2D labelled slices and real series (kept in memory as float16).
-
-    ``sources``: name -> dict(x (N, 2, s, s) tensor, slice_labels (N,) int tensor with -1 = unknown,
-    volume_label int or None, ordered bool (a real series in axial order)).
-    """
-
-    def __init__(self, sources: dict[str, dict[str, Any]]) -> None:
-        self.sources = sources
-
-    @classmethod
-    def build(
-        cls,
-        slices: Sequence[dict[str, Any]] = (),
-        series: Sequence[dict[str, Any]] = (),
-        size: int = 128,
-        use_slice_labels_of: Sequence[str] = (),
-        max_series_slices: int | None = None,
-        verbose: bool = True,
-    ) -> SlicePool:
-        """``slices``: items with ``image`` (8-bit PNG) and ``label`` 0/1 (``ct_slices_cls_datalist``).
-        ``series``: items of ``ct_dicom_datalist``; their slice labels are used only for series named in
-        ``use_slice_labels_of`` (never P001 in training) -- others get -1 (unknown) unless the volume is negative,
-        in which case every slice is negative by definition.
-        """
-        from PIL import Image
-
-        from data_prep.io import read_volume
-        from data_prep.lung import lung_mask
-
-        t0 = time.time()
-        sources: dict[str, dict[str, Any]] = {}
-        for label in (0, 1):
-            items = [d for d in slices if int(d["label"]) == label]
-            if items:
-                x = torch.stack([preprocess_slice_8bit(np.asarray(Image.open(d["image"]).convert("L")), size) for d in items])
-                sources[f"slices_{label}"] = {
-                    "x": x.half(),
-                    "slice_labels": torch.full((len(items),), label, dtype=torch.long),
-                    "volume_label": None,
-                    "ordered": False,
-                }
-        for d in series:
-            vol = read_volume(d["image"])
-            lung = lung_mask(vol.array, vol.spacing)
-            x = preprocess_volume(vol.array, lung, size=size)
-            if max_series_slices:
-                x = x[:max_series_slices]
-            n = x.shape[0]
-            if d["series_id"] in use_slice_labels_of:
-                lab = torch.tensor([int(d["slice_labels"].get(i, 0)) for i in vol.instance_numbers[:n]])
-            elif int(d["label"]) == 0:
-                lab = torch.zeros(n, dtype=torch.long)
-            else:
-                lab = torch.full((n,), -1, dtype=torch.long)
-            sources[d["series_id"]] = {"x": x.half(), "slice_labels": lab, "volume_label": int(d["label"]), "ordered": True}
-        if verbose:
-            counts = ", ".join(f"{k}={v['x'].shape[0]}" for k, v in sources.items())
-            print(f"SlicePool: {counts} ({time.time() - t0:.0f} s)")
-        return cls(sources)
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Left-right flip and a random gamma on the image channel (same for the whole bag), (N, 2, s, s)."""
-    if torch.rand(1, generator=gen).item() < 0.5:
-        x = x.flip(-1)
-    gamma = float(torch.empty(1).uniform_(0.8, 1.25, generator=gen))
-    img = x[:, :1].clamp(0, 1) ** gamma
-    return torch.cat([img, x[:, 1:]], dim=1)
-
-
-class MILBagDataset(torch.utils.data.Dataset):
-    """Bags of slices for multiple-instance training; item ``{"image": (N, 2, s, s), "label": 0/1, "slice_labels": (N,)}``.
-
-    ``n_bags`` bags per epoch cycle through these kinds (deterministic given ``seed``, epoch and index):
-
-    - ``series``: up to ``max_slices`` random slices (kept in axial order) of a real series, the volume label;
-    - ``slices``: ``max_slices`` 2D labelled slices, positive if any is COVID (positives hold 20-80 % COVID slices);
-    - ``hybrid``: a contiguous run of a negative real series with 2D slices inserted (COVID ones for a positive bag),
-      so that both image sources occur in bags of both labels and the source cannot stand in for the label.
-
-    ``enhance`` (a callable on (C, H, W) numpy, e.g. ``StochasticEnhance``) is applied to the image channel of a
-    slice with probability ``enhance_prob`` (optional augmentation; off by default). With ``fixed=True`` item ``i`` is
-    always the same bag (validation); otherwise every draw is a new bag (read with ``num_workers=0``).
-    """
-
-    def __init__(
-        self,
-        pool: SlicePool,
-        n_bags: int = 24,
-        max_slices: int = 32,
-        seed: int = 0,
-        augment: bool = True,
-        enhance: Callable | None = None,
-        enhance_prob: float = 0.0,
-        fixed: bool = False,
-    ) -> None:
-        self.pool = pool
-        self.n_bags = n_bags
-        self.max_slices = max_slices
-        self.seed = seed
-        self.augment = augment
-        self.enhance = enhance
-        self.enhance_prob = enhance_prob
-        self.fixed = fixed
-        self._draws = 0
-        src = pool.sources
-        self.series = [k for k, v in src.items() if v["ordered"]]
-        self.neg_series = [k for k in self.series if src[k]["volume_label"] == 0]
-        self.has_slices = "slices_0" in src and "slices_1" in src
-        kinds: list[tuple[str, Any]] = [("series", k) for k in self.series]
-        if self.has_slices:
-            kinds += [("slices", 1), ("slices", 0)]
-            if self.neg_series:
-                kinds += [("hybrid", 1), ("hybrid", 0)]
-        if not kinds:
-            raise ValueError("MILBagDataset needs a real series or 2D slices of both classes")
-        self.kinds = kinds
-
-    def __len__(self) -> int:
-        return self.n_bags
-
-    def _take(self, name: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.pool.sources[name]
-        return s["x"][idx].float(), s["slice_labels"][idx]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        # training: a new bag at every draw (deterministic sequence for a seed); validation (fixed): one bag per index
-        draw = index if self.fixed else self._draws
-        self._draws += 1
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
-        kind, arg = self.kinds[index % len(self.kinds)]
-        src = self.pool.sources
-        n = self.max_slices
-        if kind == "series":
-            total = src[arg]["x"].shape[0]
-            idx = torch.randperm(total, generator=gen)[: min(n, total)].sort().values
-            x, lab = self._take(arg, idx)
-            label = src[arg]["volume_label"]
-        elif kind == "slices":
-            label = arg
-            n_pos = int(torch.randint(max(1, n // 5), max(2, 4 * n // 5), (1,), generator=gen)) if label else 0
-            p = torch.randint(0, src["slices_1"]["x"].shape[0], (n_pos,), generator=gen)
-            q = torch.randint(0, src["slices_0"]["x"].shape[0], (n - n_pos,), generator=gen)
-            xp, lp = self._take("slices_1", p)
-            xq, lq = self._take("slices_0", q)
-            perm = torch.randperm(n, generator=gen)
-            x, lab = torch.cat([xp, xq])[perm], torch.cat([lp, lq])[perm]
-        else:  # hybrid
-            label = arg
-            name = self.neg_series[int(torch.randint(0, len(self.neg_series), (1,), generator=gen))]
-            total = src[name]["x"].shape[0]
-            run = min(n, total)
-            start = int(torch.randint(0, total - run + 1, (1,), generator=gen))
-            x, lab = self._take(name, torch.arange(start, start + run))
-            n_ins = int(torch.randint(max(1, run // 5), max(2, run // 2), (1,), generator=gen))
-            pos = torch.randperm(run, generator=gen)[:n_ins]
-            pick_from = "slices_1" if label else "slices_0"
-            k = torch.randint(0, src[pick_from]["x"].shape[0], (n_ins,), generator=gen)
-            xi, li = self._take(pick_from, k)
-            x, lab = x.clone(), lab.clone()
-            x[pos], lab[pos] = xi, li
-        if self.augment:
-            x = _augment(x, gen)
-        if self.enhance is not None and self.enhance_prob > 0:
-            for i in range(x.shape[0]):
-                if torch.rand(1, generator=gen).item() < self.enhance_prob:
-                    x[i, :1] = torch.as_tensor(self.enhance(x[i, :1].numpy()))
-        return {"image": x, "label": torch.tensor(label, dtype=torch.long), "slice_labels": lab}
-
-
-def prepare_bag_batch(batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any):
-    """``prepare_batch`` for MONAI engines: (image (B, N, 2, s, s), target dict) so the loss sees slice labels."""
-    image = batchdata["image"].to(device, non_blocking=non_blocking)
-    target = {
-        "label": batchdata["label"].to(device, non_blocking=non_blocking),
-        "slice_labels": batchdata["slice_labels"].to(device, non_blocking=non_blocking),
-    }
-    return image, target
-
-
 class MILLoss(nn.Module):
     """Volume cross-entropy (the paper's 2-way softmax + BCE, eq. 20) plus a multiple-instance slice term.
 
@@ -427,84 +247,6 @@ class MILLoss(nn.Module):
         return loss
 
 
-def pretrain_slices(
-    net: nn.Module,
-    pool: SlicePool,
-    epochs: int = 6,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> list[float]:
-    """Stage 1: train encoder + head on labelled single slices (2D slices and negative-series slices).
-
-    Each slice is a sequence of length 1 through the whole network; loss BCE on its slice score. BN in train mode.
-    Returns the mean loss per epoch.
-    """
-    xs, ys = [], []
-    for s in pool.sources.values():
-        known = s["slice_labels"] >= 0
-        xs.append(s["x"][known])
-        ys.append(s["slice_labels"][known])
-    x_all, y_all = torch.cat(xs), torch.cat(ys).float()
-    # balance the classes by weighting
-    pos_frac = float(y_all.mean())
-    w_pos, w_neg = 0.5 / max(pos_frac, 1e-3), 0.5 / max(1 - pos_frac, 1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.to(device).train()
-    history = []
-    for ep in range(epochs):
-        perm = torch.randperm(len(y_all), generator=gen)
-        tot, cnt = 0.0, 0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i : i + batch_size]
-            x = _augment(x_all[idx].float(), gen).to(device)
-            y = y_all[idx].to(device)
-            _, _, scores = net(x[:, None])
-            w = torch.where(y > 0.5, w_pos, w_neg)
-            loss = F.binary_cross_entropy(scores[:, 0].clamp(1e-6, 1 - 1e-6), y, weight=w)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += float(loss.detach()) * len(idx)
-            cnt += len(idx)
-        history.append(tot / cnt)
-        print(f"pretrain epoch {ep + 1}/{epochs}: loss {history[-1]:.4f}", flush=True)
-    return history
-
-
-def balanced_subset(items: Sequence[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """At most ``n`` items, half of each ``label`` (0/1), in the given order."""
-    return [d for d in items if int(d["label"]) == 1][: n // 2] + [d for d in items if int(d["label"]) == 0][: n - n // 2]
-
-
-def merge_pools(*pools: SlicePool) -> SlicePool:
-    """One pool with the sources of all (later names win)."""
-    sources: dict[str, dict[str, Any]] = {}
-    for p in pools:
-        sources.update(p.sources)
-    return SlicePool(sources)
-
-
-def negative_series(pool: SlicePool) -> SlicePool:
-    """The real negative series of a pool (shared with a validation pool without re-reading DICOM)."""
-    return SlicePool({k: v for k, v in pool.sources.items() if v["ordered"] and v["volume_label"] == 0})
-
-
-def finish_training(
-    network: nn.Module, val_dataset: MILBagDataset, model_path: str | os.PathLike, summary_path: str | os.PathLike
-) -> dict[str, Any]:
-    """Choose thresholds on the validation bags, save fp16 weights and a JSON summary (thresholds, metrics)."""
-    from monai_covid.io_utils import atomic_write_json
-
-    summary = select_thresholds(network, val_dataset)
-    save_state_dict_fp16(network, model_path)
-    atomic_write_json(summary_path, summary)
-    print(f"thresholds: {summary}", flush=True)
-    return summary
-
-
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
@@ -530,42 +272,6 @@ def binary_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, fl
         "TN": tn,
         "FP": fp,
         "FN": fn,
-    }
-
-
-@torch.no_grad()
-def select_thresholds(net: nn.Module, dataset: MILBagDataset, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Slice threshold maximising slice F1 on validation bags (known slice labels); volume threshold 0.5 unless
-    the validation bags need another one to be all right (midpoint between the classes)."""
-    net.eval()
-    scores, labels, vprob, vlab = [], [], [], []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        logits, _, s = net(item["image"][None].to(device))
-        known = item["slice_labels"] >= 0
-        scores.append(s[0].cpu()[known])
-        labels.append(item["slice_labels"][known])
-        vprob.append(float(torch.softmax(logits, -1)[0, 1]))
-        vlab.append(int(item["label"]))
-    s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()
-    best = (0.5, -1.0)
-    for t in np.linspace(0.05, 0.95, 91):
-        f1 = binary_metrics(y, s >= t)["F1"]
-        if not math.isnan(f1) and f1 > best[1] + 1e-9:
-            best = (float(t), f1)
-    vprob_a, vlab_a = np.asarray(vprob), np.asarray(vlab)
-    vol_t = 0.5
-    if (vlab_a == 1).any() and (vlab_a == 0).any():
-        lo, hi = vprob_a[vlab_a == 0].max(), vprob_a[vlab_a == 1].min()
-        if not (lo < 0.5 <= hi) and lo < hi:
-            vol_t = float((lo + hi) / 2)
-    return {
-        "slice_threshold": round(best[0], 3),
-        "slice_f1_val": best[1],
-        "volume_threshold": round(vol_t, 4),
-        "volume_metrics_val": binary_metrics(vlab_a, vprob_a >= vol_t),
-        "n_val_slices": int(len(y)),
-        "n_val_bags": len(vlab),
     }
 
 

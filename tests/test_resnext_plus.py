@@ -58,10 +58,11 @@ def test_slice_attention_sums_to_one() -> None:
 def test_forward_shapes_and_ablations(use_cbam: bool, use_lung_mask: bool) -> None:
     torch.manual_seed(0)
     net = _tiny(use_cbam=use_cbam, use_lung_mask=use_lung_mask).eval()
-    x = torch.rand(2, 5, 2, 64, 64)
+    x = torch.rand(2, 2, 5, 64, 64)  # (B, C, N, H, W): channel first, slices along the first spatial axis
     with torch.no_grad():
-        logits, alpha, scores = net(x)
-        feats = net.slice_features(x[0])
+        logits, alpha, scores = net.forward_details(x)
+        feats = net.slice_features(x[0].transpose(0, 1))
+        torch.testing.assert_close(net(x), logits)  # forward gives the volume logits only
     assert logits.shape == (2, 2) and alpha.shape == (2, 5) and scores.shape == (2, 5)
     assert feats.shape == (5, net.feature_dim) == (5, 16)
     torch.testing.assert_close(alpha.sum(1), torch.ones(2))
@@ -69,11 +70,24 @@ def test_forward_shapes_and_ablations(use_cbam: bool, use_lung_mask: bool) -> No
     assert isinstance(net.cbam, CBAM) == use_cbam
     # without the mask stem the mask channel has no influence; with it, it does
     x2 = x.clone()
-    x2[:, :, 1] = 1 - x2[:, :, 1]
+    x2[:, 1] = 1 - x2[:, 1]
     with torch.no_grad():
-        changed = not torch.allclose(net(x2)[0], logits)
+        changed = not torch.allclose(net(x2), logits)
     assert changed == use_lung_mask
-    assert net(x[0]).__len__() == 3  # a single (N, C, H, W) volume is accepted
+    with pytest.raises(ValueError):
+        net(x[0])  # a volume without the batch axis is refused
+
+
+@pytest.mark.parametrize("use_cbam,use_lung_mask", [(True, True), (False, False)])
+def test_torchscript_matches_eager(use_cbam: bool, use_lung_mask: bool) -> None:
+    torch.manual_seed(0)
+    net = _tiny(use_cbam=use_cbam, use_lung_mask=use_lung_mask).eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(2, 2 if use_lung_mask else 1, 6, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x))
+        for a, b in zip(scripted.forward_details(x), net.forward_details(x)):
+            torch.testing.assert_close(a, b)
 
 
 def test_paper_size_switch() -> None:
@@ -89,7 +103,7 @@ def test_frozen_batchnorm_keeps_running_stats() -> None:
     net.train()
     bn = net.stem_norm[0]
     before = bn.running_mean.clone()
-    net(torch.rand(1, 4, 2, 32, 32))
+    net(torch.rand(1, 2, 4, 32, 32))
     assert not bn.training and torch.equal(before, bn.running_mean)
     assert net.lstm.training  # only BN is frozen
 

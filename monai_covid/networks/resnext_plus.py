@@ -16,11 +16,13 @@ applied to each slice's spatio-axial feature ``f_n``, ``slice_score_n = softmax(
 the same scale as the volume probability, so it can be thresholded and trained with a MIL loss; the attention
 ``alpha_n`` (sums to 1 over the slices) is returned as well.
 
-Shapes: input ``x`` (B, N, 2, H, W) with channel 0 the CT slice (intensities in [0, 1]) and channel 1 the lung mask
-(0/1), or (B, N, 1, H, W) when ``use_lung_mask=False``; B volumes of N slices each. ``forward`` returns
+Shapes (MONAI's channel-first layout, the slices along the first spatial axis): input ``x`` (B, 2, N, H, W) with
+channel 0 the CT slice (intensities in [0, 1]) and channel 1 the lung mask (0/1), or (B, 1, N, H, W) when
+``use_lung_mask=False``; B volumes of N slices each. ``forward`` returns the volume logits (B, 2) (what
+``monai.bundle verify_net_in_out`` and a TorchScript export see); :meth:`forward_details` returns
 ``(logits (B, 2), attention (B, N), slice_scores (B, N))``. :meth:`slice_features` maps (M, C, H, W) slices to
 (M, F) features and :meth:`head_from_features` the (B, N, F) sequence to the outputs, so long volumes can be encoded
-in chunks.
+in chunks. The module is ``torch.jit.script``-able (``forward`` and the exported ``forward_details``).
 
 The default widths/depths are a slim CPU variant (about 1 M parameters); :meth:`ResNeXtPlus.paper` gives the
 paper's ResNeXt-50 (32x4d) trunk, 512-unit LSTMs and a 1024-unit head. Ablations of Table 2: ``use_cbam=False``
@@ -30,7 +32,7 @@ paper's ResNeXt-50 (32x4d) trunk, 512-unit LSTMs and a 1024-unit head. Ablations
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -58,7 +60,8 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bo
 class CBAM(nn.Module):
     """Convolutional block attention (paper 004, eqs. 6-11): (B, C, H, W) -> (B, C, H, W).
 
-    After a call, ``last_channel_map`` (B, C, 1, 1) and ``last_spatial_map`` (B, 1, H, W) hold the sigmoid maps.
+    After a call, ``last_channel_map`` (B, C, 1, 1) and ``last_spatial_map`` (B, 1, H, W) hold the sigmoid maps
+    (empty tensors before the first call).
     """
 
     def __init__(self, channels: int, reduction: int = 16, spatial_kernel: int = 9) -> None:
@@ -68,8 +71,8 @@ class CBAM(nn.Module):
             nn.Conv2d(channels, hidden, 1, bias=True), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=True)
         )
         self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
-        self.last_channel_map: torch.Tensor | None = None
-        self.last_spatial_map: torch.Tensor | None = None
+        self.last_channel_map = torch.empty(0)
+        self.last_spatial_map = torch.empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         avg = F.adaptive_avg_pool2d(x, 1)
@@ -110,7 +113,7 @@ class SliceAttention(nn.Module):
         self.proj = nn.Linear(features, hidden, bias=False)  # B
         self.score = nn.Linear(hidden, 1, bias=False)  # w
 
-    def forward(self, f: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = self.score(torch.tanh(self.proj(f))).squeeze(-1)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
@@ -162,7 +165,9 @@ class ResNeXtPlus(nn.Module):
         self.use_lung_mask = use_lung_mask
         self.bn_frozen = False
         self.slice_stem = nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False)
-        self.mask_stem = nn.Conv2d(1, stem_channels, 7, stride=2, padding=3, bias=False) if use_lung_mask else None
+        self.mask_stem: Optional[nn.Module] = (
+            nn.Conv2d(1, stem_channels, 7, stride=2, padding=3, bias=False) if use_lung_mask else None
+        )
         self.stem_norm = nn.Sequential(nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True))
         self.cbam: nn.Module = CBAM(stem_channels, reduction) if use_cbam else nn.Identity()
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -218,10 +223,11 @@ class ResNeXtPlus(nn.Module):
         """(M, C, H, W) slices (+ lung mask channel) -> (M, feature_dim) spatial features."""
         img = slices[:, : self.in_channels]
         x = self.slice_stem(img)
-        if self.mask_stem is not None:
+        mask_stem = self.mask_stem
+        if mask_stem is not None:
             if slices.shape[1] < self.in_channels + 1:
-                raise ValueError(f"expected a lung-mask channel: got {slices.shape[1]} channels")
-            x = x + self.mask_stem(slices[:, self.in_channels : self.in_channels + 1])
+                raise ValueError("expected a lung-mask channel after the CT channel(s)")
+            x = x + mask_stem(slices[:, self.in_channels : self.in_channels + 1])
         x = self.pool(self.cbam(self.stem_norm(x)))
         x = self.trunk(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -235,11 +241,16 @@ class ResNeXtPlus(nn.Module):
         slice_scores = torch.softmax(self.head(f), dim=-1)[..., 1]
         return logits, alpha, slice_scores
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x.ndim == 4:  # one volume (N, C, H, W)
-            x = x.unsqueeze(0)
-        if x.ndim != 5:
-            raise ValueError(f"expected (B, N, C, H, W), got shape {tuple(x.shape)}")
-        b, n = x.shape[:2]
-        feats = self.slice_features(x.flatten(0, 1)).view(b, n, -1)
+    @torch.jit.export
+    def forward_details(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, C, N, H, W) -> (volume logits (B, 2), attention (B, N), slice scores (B, N))."""
+        if x.dim() != 5:
+            raise ValueError("expected a (B, C, N, H, W) batch of volumes (channel first, slices along axis 2)")
+        b, n = x.shape[0], x.shape[2]
+        slices = x.transpose(1, 2).flatten(0, 1)  # (B * N, C, H, W)
+        feats = self.slice_features(slices).view(b, n, -1)
         return self.head_from_features(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, N, H, W) -> volume logits (B, 2)."""
+        return self.forward_details(x)[0]
