@@ -526,6 +526,9 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
         record["slice_scores"] = [round(float(s), 4) for s in slice_scores]
         record["slice_covid"] = [int(s >= slice_thr) for s in slice_scores]
         record["instance_numbers"] = vol.instance_numbers or list(range(1, vol.n_slices + 1))
+        if lesion is not None:  # the lesion model's burden per slice: a feature beside the detector, not its decision
+            lung_px = np.maximum(lung.reshape(vol.n_slices, -1).sum(1), 1)
+            record["slice_lesion_percent_of_lung"] = [round(float(v), 2) for v in 100.0 * lesion.reshape(vol.n_slices, -1).sum(1) / lung_px]
     atomic_save_png(out_dir / "overlay.png", overlay_montage(vol.array, lung, lesion))
     outputs["overlay"] = "overlay.png"
     record["outputs"] = outputs
