@@ -49,7 +49,7 @@ REPORT_COLUMNS = [
 ]
 #: Output names a case folder may not take (compared case-insensitively): the batch's own files.
 RESERVED_NAMES = {"report", "report.csv", "report.html", "skipped", "skipped.csv"}
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 2: warnings, dicom_seg (validated SEG or the reason), detector_coverage; older results are recomputed
 
 #: model name -> (bundle folder, role)
 BUNDLES = {
@@ -259,18 +259,29 @@ def _vm_allowed(spec: str, n: int) -> bool:
     return int(lo) <= n <= int(hi)
 
 
-def seg_dataset_problems(ds, prefix: str = "") -> list[tuple[str, str]]:
+def _default_charset(ds) -> bool:
+    """No SpecificCharacterSet (or ISO_IR 6): text values must be ASCII."""
+    cs = ds.get("SpecificCharacterSet")
+    if cs is None:
+        return True
+    return all(str(v).strip() in ("", "ISO_IR 6") for v in ([cs] if isinstance(cs, str) else list(cs)))
+
+
+def seg_dataset_problems(ds, prefix: str = "", ascii_only: bool | None = None) -> list[tuple[str, str]]:
     """``(attribute path, problem)`` for every value of ``ds`` (recursively) a DICOM validator would reject: UIDs
     (empty or malformed), values invalid for their VR (length, characters, dates), control characters in short
-    text, and value multiplicities the data dictionary does not allow (a backslash in a single-valued LO)."""
+    text, non-ASCII text without a SpecificCharacterSet, and value multiplicities the data dictionary does not allow
+    (a backslash in a single-valued LO)."""
+    if ascii_only is None:
+        ascii_only = _default_charset(ds)
     problems: list[tuple[str, str]] = []
     for elem in ds:
         name = prefix + (elem.keyword or str(elem.tag))
         if elem.VR == "SQ":
             for i, item in enumerate(elem.value or []):
-                problems += seg_dataset_problems(item, f"{name}[{i}].")
+                problems += seg_dataset_problems(item, f"{name}[{i}].", ascii_only)
             continue
-        problems += [(name, why) for why in _element_problems(elem)]
+        problems += [(name, why) for why in _element_problems(elem, ascii_only)]
     return problems
 
 
@@ -278,8 +289,9 @@ def seg_dataset_problems(ds, prefix: str = "") -> list[tuple[str, str]]:
 _ENUMERATED = {"PatientSex": {"M", "F", "O"}}
 
 
-def _element_problems(elem) -> list[str]:
-    """What a DICOM validator would reject in one (non-sequence) element."""
+def _element_problems(elem, ascii_only: bool = False) -> list[str]:
+    """What a DICOM validator would reject in one (non-sequence) element (``ascii_only``: the dataset declares no
+    character set)."""
     from pydicom import config
     from pydicom.datadict import dictionary_VM
     from pydicom.multival import MultiValue
@@ -309,6 +321,9 @@ def _element_problems(elem) -> list[str]:
         text = orig.decode("latin-1") if isinstance(orig, bytes) else str(orig or v)
         if any(ord(c) < 0x20 and c != "\x1b" for c in text):
             problems.append("control character in the value")
+            continue
+        if ascii_only and not text.isascii():
+            problems.append("non-ASCII text but no SpecificCharacterSet")
             continue
         allowed = _ENUMERATED.get(elem.keyword)
         if allowed and text not in allowed:
@@ -340,6 +355,20 @@ def _repair_seg(ds, repairs: list[str]) -> None:
             repairs.append(note)
 
 
+def _declare_latin1(ds, repairs: list[str]) -> None:
+    """Text that is not ASCII under no SpecificCharacterSet (old exports write Latin-1 bytes and declare nothing) was
+    read as Latin-1; the SEG declares ISO_IR 100 so that the same bytes are valid there."""
+    if not _default_charset(ds):
+        return
+    texts = [e for e in ds if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and not e.tag.is_private]
+    if any(not str(e.value if e.value is not None else "").isascii() for e in texts):
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        note = ("SpecificCharacterSet: the source's text is not ASCII and declares no character set; the SEG declares "
+                "ISO_IR 100 (Latin-1, as the bytes were read), the bytes unchanged")
+        if note not in repairs:
+            repairs.append(note)
+
+
 def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str, repairs: list[str] | None = None) -> Path:
     """DICOM Segmentation (binary, one segment) referencing the source instances, via highdicom.
 
@@ -365,6 +394,7 @@ def write_dicom_seg(mask: np.ndarray, volume, path: Path, algorithm: str, repair
             if key not in h:
                 setattr(h, key, "")
         _repair_seg(h, done)  # highdicom copies these into the SEG (and refuses some invalid ones)
+        _declare_latin1(h, done)
         sources.append(h)
     desc = hd.seg.SegmentDescription(
         segment_number=1,

@@ -53,7 +53,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data_prep.io import InputError, find_dicom_series, read_dicom_series, safe_name
-    from monai_covid.io_utils import atomic_save_with
+    from monai_covid.io_utils import atomic_save_with, display_text
 
     inp, out = Path(args.input), Path(args.output)
     if not inp.exists():
@@ -74,7 +74,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         rel = os.path.relpath(s.folder, root)
         base = safe_name(rel if rel != "." else root.resolve().name, fallback="series")
         if sum(x.folder == s.folder for x in series) > 1:
-            base = f"{base}_series{s.headers[0].get('SeriesNumber', '') or len(used) + 1}"
+            base = safe_name(f"{base}_series{s.headers[0].get('SeriesNumber', '') or len(used) + 1}")  # a tag: sanitised
         name = _unique(base, used)
         t = time.perf_counter()
         try:
@@ -92,12 +92,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
             _err(e)
             continue
         ok += 1
-        results.append({"series": rel, "output": str(path), "shape_zyx": list(vol.array.shape),
+        results.append({"series": display_text(rel), "output": display_text(path), "shape_zyx": list(vol.array.shape),
                         "spacing_zyx": list(vol.spacing), "seconds": round(time.perf_counter() - t, 2)})
     if args.json:
         print(json.dumps({"converted": results, "failed": failed}, indent=2))
     elif not args.quiet:
-        print(f"converted {ok} series, {failed} failed, to {out} in {time.perf_counter() - t0:.1f} s")
+        print(f"converted {ok} series, {failed} failed, to {display_text(out)} in {time.perf_counter() - t0:.1f} s")
     return EXIT_OK if failed == 0 else EXIT_FAILED
 
 

@@ -237,6 +237,25 @@ def test_repairable_study_values_are_repaired_in_the_seg_only(corpus_run, sample
     assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.PatientID == src.PatientID
 
 
+def test_undeclared_latin1_text_gets_a_declared_character_set_in_the_seg(corpus_run):
+    from monai_covid.batch import seg_dataset_problems
+
+    out = corpus_run["out"]
+    row = _row(corpus_run, "dicom_latin1_tags_undeclared")
+    result = json.loads((out / row["case_id"] / "result.json").read_text())
+    assert result["dicom_seg"]["written"] is True
+    assert [r.split(":")[0] for r in result["dicom_seg"]["repairs"]] == ["SpecificCharacterSet"]
+    seg = pydicom.dcmread(out / row["case_id"] / "lesion_seg.dcm", stop_before_pixels=True)
+    src = pydicom.dcmread(next((corpus_run["inp"] / "dicom_latin1_tags_undeclared").glob("*.dcm")))
+    assert seg.SpecificCharacterSet == "ISO_IR 100" and "SpecificCharacterSet" not in src
+    assert str(seg.PatientName) == str(src.PatientName) == "Müller^Jürgen"
+    # the check that makes the repair necessary: the source's own header is not valid DICOM as it stands
+    assert ("PatientName", "non-ASCII text but no SpecificCharacterSet") in seg_dataset_problems(src)
+    row = _row(corpus_run, "dicom_latin1_tags_declared")
+    result = json.loads((out / row["case_id"] / "result.json").read_text())
+    assert result["dicom_seg"] == {"written": True, "repairs": []} and row["warnings"] == ""
+
+
 def test_every_written_seg_passes_dciodvfy(corpus_run):
     """The mixed folder: dirty-UID series, clean series, odd names and broken files side by side."""
     segs = sorted(corpus_run["out"].glob("*/lesion_seg.dcm"))
@@ -271,71 +290,52 @@ def test_walk_lists_folders_it_may_not_read(tmp_path, monkeypatch):
     assert skipped == [(str(tmp_path / "closed"), "folder permission denied")]
 
 
-def _signal_run(sample_series, tmp_path, sig):
+def _interrupt_after(cmd: list[str], done: Path, sig: int) -> tuple[int, str]:
+    """Start ``cmd``, wait until ``done`` exists (a case finished), send ``sig`` while the next case runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not done.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+def test_sigkill_sigterm_sigint_then_resume(sample_series, tmp_path):
+    """Killed (SIGKILL), then stopped (SIGTERM, SIGINT) one case further each time, then resumed: each stop leaves
+    no staging file, SIGTERM/SIGINT print one line and exit 143/130, finished cases are never recomputed."""
     from tests.corpus.make_corpus import _series
 
     inp = tmp_path / "in"
-    for i in range(3):
+    for i in range(4):
         _series(sample_series, inp / f"case{i}")
     before = _digest(inp)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai_covid.cli", "infer", str(inp), str(out), "--models", "asegnet", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "case0" / "result.json").exists():
-        time.sleep(0.1)
-    time.sleep(0.3)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=120)
-    return inp, out, before, proc.returncode, stdout, stderr
 
+    def finished() -> set[str]:
+        return {p.parent.name for p in out.glob("*/result.json")}
 
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
-def test_sigterm_sigint_one_line_exit_code_and_resume(sample_series, tmp_path, sig, code, name):
-    inp, out, before, rc, stdout, stderr = _signal_run(sample_series, tmp_path, sig)
-    done = {p.parent.name for p in out.glob("*/result.json")}
-    assert rc == code, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"monai-covid: interrupted by {name}"), stderr
-    assert "Traceback" not in stderr
-    assert not [p for p in out.rglob("*") if ".part" in p.name]
-    assert "case0" in done and len(done) < 3
+    rc, _ = _interrupt_after(cmd, out / "case0" / "result.json", signal.SIGKILL)
+    assert rc == -signal.SIGKILL and "case0" in finished() and len(finished()) < 4
     mtime = (out / "case0" / "result.json").stat().st_mtime_ns
+    for case, sig, code, name in (("case1", signal.SIGTERM, 143, "SIGTERM"), ("case2", signal.SIGINT, 130, "SIGINT")):
+        rc, stderr = _interrupt_after(cmd, out / case / "result.json", sig)
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert rc == code, stderr
+        assert len(lines) == 1 and lines[0].startswith(f"monai-covid: interrupted by {name}; finished cases are kept")
+        assert case in finished() and len(finished()) < 4
+        assert not [p for p in out.rglob("*") if ".part" in p.name]  # the case in progress left no staging file
     r = _infer(inp, out, "--quiet")
     assert r.returncode == 0, r.stderr
     with open(out / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [x["case_id"] for x in rows] == ["case0", "case1", "case2"] and all(x["status"] == "ok" for x in rows)
+    assert [x["case_id"] for x in rows] == [f"case{i}" for i in range(4)] and all(x["status"] == "ok" for x in rows)
     assert (out / "case0" / "result.json").stat().st_mtime_ns == mtime  # resumed, not recomputed
-    for seg in out.glob("*/lesion_seg.dcm"):
-        assert_valid_dicom(seg)
-    assert _digest(inp) == before
-
-
-def test_sigkill_then_resume(sample_series, tmp_path):
-    from tests.corpus.make_corpus import _series
-
-    inp = tmp_path / "in"
-    for i in range(4):
-        _series(sample_series, inp / f"case{i}")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai_covid.cli", "infer", str(inp), str(out), "--models", "asegnet", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "case0" / "result.json").exists():
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = {p.parent.name for p in out.glob("*/result.json")}
-    assert "case0" in done_before and len(done_before) < 4
-    r = _infer(inp, out, "--quiet")
-    assert r.returncode == 0, r.stderr
-    with open(out / "report.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert sorted(x["case_id"] for x in rows) == [f"case{i}" for i in range(4)]
-    assert all(x["status"] == "ok" for x in rows)
     for i in range(4):
         res = json.loads((out / f"case{i}" / "result.json").read_text())
         assert res["complete"] and all((out / f"case{i}" / f).is_file() for f in res["outputs"].values())
+        assert_valid_dicom(out / f"case{i}" / "lesion_seg.dcm")
     assert not [p for p in out.rglob("*") if ".part" in p.name]
+    assert _digest(inp) == before

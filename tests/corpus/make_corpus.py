@@ -276,6 +276,17 @@ def add_real_world_names_and_dirty_dicom(out: Path, sample: Path, expected: dict
     files = _series(sample, Path(case("dicom_study_tags_repairable", "ok")))
     for f in files:  # repaired in the SEG only: type 2/3 values that do not link the SEG to the images
         _edit(f, StudyDescription="a\\b", PatientSex="unknown", StudyDate="2020-03-01")
+    files = _series(sample, Path(case("dicom_latin1_tags_undeclared", "ok")))
+    for f in files:  # Latin-1 bytes and no SpecificCharacterSet, as old exports write them
+        ds = pydicom.dcmread(f)
+        if "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+        ds.add_new(0x00100010, "PN", b"M\xfcller^J\xfcrgen")
+        ds.add_new(0x00081030, "LO", b"Thorax \xe4")
+        ds.save_as(f)
+    files = _series(sample, Path(case("dicom_latin1_tags_declared", "ok")))
+    for f in files:
+        _edit(f, SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jürgen", StudyDescription="Thorax ä")
     files = _series(sample, Path(case("dicom_modality_with_escapes", "failed")))
     for f in files:
         _edit(f, Modality="M\x1b[2J\nR")
