@@ -398,7 +398,7 @@ def test_code_format_of_bundles_and_zoo_files():
             except ValueError as e:
                 problems.append(f"{f}: {e}")
     py = [f for f in files if f.endswith(".py")]
-    for tool in (["black", "--check", "-q"], ["isort", "--check-only", "-q"], ["flake8"]):
+    for tool in (["black", "--check"], ["isort", "--check-only"], ["flake8"]):
         if not py:
             break
         r = subprocess.run([sys.executable, "-m", *tool, *py], cwd=REPO, capture_output=True, text=True)
