@@ -107,8 +107,8 @@ def apply_platt(logits: Sequence[float], ab: tuple[float, float]) -> np.ndarray:
     return _sigmoid(ab[0] * np.asarray(logits, dtype=np.float64) + ab[1])
 
 
-def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float) -> dict[str, float]:
-    """ROC AUC, F1, sensitivity, specificity, accuracy at ``threshold`` (COVID = 1 is the positive class)."""
+def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: float, auc: bool = True) -> dict[str, float]:
+    """ROC AUC (``auc=True``), F1, sensitivity, specificity, accuracy at ``threshold`` (COVID = 1 is positive)."""
     from monai_covid.threshold_analysis import roc_auc
 
     y = np.asarray(labels).astype(int)
@@ -119,15 +119,15 @@ def binary_metrics(labels: Sequence[int], probs: Sequence[float], threshold: flo
     sens = tp / max(tp + fn, 1)
     spec = tn / max(tn + fp, 1)
     f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-    auc = roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan")
-    return {"auc": float(auc), "f1": f1, "sensitivity": sens, "specificity": spec, "accuracy": (tp + tn) / max(len(y), 1)}
+    area = roc_auc(y, p) if auc and 0 < y.sum() < len(y) else float("nan")
+    return {"auc": float(area), "f1": f1, "sensitivity": sens, "specificity": spec, "accuracy": (tp + tn) / max(len(y), 1)}
 
 
 def best_f1_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
     """The cut-off (midpoint between neighbouring scores) that maximises F1; ties go to the one nearest 0.5."""
     p = np.unique(np.asarray(probs, dtype=np.float64))
     cands = np.concatenate([[0.0], (p[1:] + p[:-1]) / 2 if len(p) > 1 else [], [1.0]]) if len(p) else np.array([0.5])
-    scores = [(binary_metrics(labels, probs, t)["f1"], -abs(t - 0.5), t) for t in cands]
+    scores = [(binary_metrics(labels, probs, t, auc=False)["f1"], -abs(t - 0.5), t) for t in cands]
     return float(max(scores)[2])
 
 
@@ -165,7 +165,7 @@ def metrics_with_ci(labels, probs, groups, threshold: float, n_boot: int = 2000)
     out: dict[str, Any] = dict(binary_metrics(labels, probs, threshold))
     for name in ("auc", "f1", "sensitivity", "specificity"):
         out[f"{name}_ci"] = group_bootstrap_ci(
-            labels, probs, groups, lambda y, p, n=name: binary_metrics(y, p, threshold)[n], n_boot=n_boot
+            labels, probs, groups, lambda y, p, n=name: binary_metrics(y, p, threshold, auc=n == "auc")[n], n_boot=n_boot
         )
     out["n"] = len(labels)
     out["groups"] = len({str(g) for g in groups})
