@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -158,11 +159,14 @@ def test_ct_png_slices_and_id_collisions(shared_data, tmp_path):
     img = shared_data / "ct_lesion_slices" / "train" / "images" / "0.jpg"
     shutil.copyfile(img, inp / "a" / "b.jpg")
     shutil.copyfile(img, inp / "a_b.jpg")
+    shutil.copyfile(img, os.path.join(os.fsdecode(inp), os.fsdecode(b"A_B\xe9\n.jpg")))  # Latin-1 byte, newline
     rc = main(["infer", str(inp), str(tmp_path / "out"), "--modality", "ct", "--models", "asegnet", "--quiet"])
     assert rc == 0
     with open(tmp_path / "out" / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["case_id"] for r in rows) == ["a_b", "a_b_2"]
+    # one folder per case even on a case-insensitive file system: a/b.jpg and a_b.jpg do not reuse A_B's
+    ids = {r["source"]: r["case_id"] for r in rows}
+    assert ids == {"A_B\\xe9\\n.jpg": "A_B", "a/b.jpg": "a_b_2", "a_b.jpg": "a_b_3"}
     from PIL import Image
 
     for r in rows:
