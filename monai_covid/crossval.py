@@ -163,18 +163,24 @@ def _train_worker(bundle: str, overrides_file: str) -> int:
     run_dir = Path(ov["ckpt_dir"])
     wf = ConfigWorkflow(config_file=str(Path(bundle) / "configs" / "train.json"), workflow_type="train", **ov)
     wf.initialize()
+    from ignite.engine import Events
+
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    first: list[int] = []  # first epoch run by this process (a resumed run starts after its checkpoint)
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: first or first.append(e.state.epoch))
     t0, c0 = time.time(), time.process_time()
     wf.run()
     seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
-    trainer = wf.parser.get_parsed_content("train#trainer")
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    n_here = max(1, trainer.state.epoch - (first[0] if first else 1) + 1)
     info = {
         "best_metric": float(evaluator.state.best_metric),
         "best_epoch": int(evaluator.state.best_metric_epoch),
         "epochs_run": int(trainer.state.epoch),
         "train_seconds": seconds,
-        "seconds_per_epoch": seconds / max(1, trainer.state.epoch),
-        "cpu_seconds_per_epoch": cpu_seconds / max(1, trainer.state.epoch),  # wall time depends on machine load
+        "seconds_per_epoch": seconds / n_here,
+        "cpu_seconds_per_epoch": cpu_seconds / n_here,  # wall time depends on machine load
+        "epochs_run_by_last_process": n_here,
     }
     (run_dir / "train_info.json").write_text(json.dumps(info, indent=1))
     wf.finalize()
