@@ -318,7 +318,12 @@ def find_dicom_series(
     groups: dict[str, list[tuple[Path, object]]] = {}
     errors: list[InputError] = []
     for path in _walk_files(Path(root), skipped) if files is None else files:
-        if path.name.lower().endswith((*NIFTI_SUFFIXES, *IMAGE_SUFFIXES, ".json", ".csv", ".txt", ".md")):
+        low = path.name.lower()
+        if low.endswith((*NIFTI_SUFFIXES, *IMAGE_SUFFIXES)):
+            continue  # cases of their own (find_cases)
+        if low.endswith((".json", ".csv", ".txt", ".md")):
+            if skipped is not None:
+                skipped.append((str(path), f"not DICOM ({low.rsplit('.', 1)[-1]} file, not read)"))
             continue
         try:
             ds = _read_header(path)

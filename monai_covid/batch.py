@@ -239,7 +239,8 @@ def seg_source_problems(headers: list) -> list[str]:
     for key in ("SOPInstanceUID", "SOPClassUID"):
         whys = [w for w in (_uid_problem(h.get(key, "")) for h in headers) if w]
         if whys:
-            problems.append(f"{len(whys)} of {len(headers)} source {key}s {'are empty' if whys[0] == 'is empty' else whys[0]}")
+            what = "are empty" if whys[0] == "is empty" else f"are invalid (the first {whys[0]})"
+            problems.append(f"{len(whys)} of {len(headers)} source {key}s {what}")
     sops = [str(h.get("SOPInstanceUID", "") or "") for h in headers]
     if all(sops) and len(set(sops)) < len(sops):
         problems.append(f"{len(sops) - len(set(sops))} source SOPInstanceUIDs are duplicated")

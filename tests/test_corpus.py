@@ -114,6 +114,7 @@ def test_skipped_files_are_listed_with_a_reason(corpus_run):
     assert skipped["dicom_localizer/slice000.dcm"] == "localizer"
     assert skipped["dicom_structured_report/slice000.dcm"] == "non-image DICOM object (SR)"
     assert skipped["not_dicom/random.bin"] == "not DICOM"
+    assert skipped["not_dicom/notes.txt"] == "not DICOM (txt file, not read)"
     reported = {_unformula(r["source"]) for r in corpus_run["rows"]}
     assert not any(p.split("/")[0] in reported or p in reported for p in skipped)  # a file is a case or skipped
     assert "skipped" in corpus_run["proc"].stderr and "skipped.csv" in corpus_run["proc"].stderr
@@ -267,6 +268,25 @@ def test_every_written_seg_passes_dciodvfy(corpus_run):
     # the validator itself catches what the issue reported: a slice of the dirty series is not valid DICOM
     dirty = next((corpus_run["inp"] / "dicom_dirty_uids").glob("*.dcm"))
     assert any("UID" in e for e in dciodvfy_errors(dirty))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({}, None),
+    ({"SOPInstanceUID": ""}, "2 of 2 source SOPInstanceUIDs are empty"),
+    ({"StudyInstanceUID": "1.2.03.4"}, "source StudyInstanceUID is not a DICOM UID"),
+    ({"SeriesInstanceUID": "1." + "2" * 70}, "source SeriesInstanceUID has 72 characters (at most 64)"),
+    ({"FrameOfReferenceUID": "7d444840-9dc0-11d1-b245-5ffdce74fad2"}, "source FrameOfReferenceUID is UUID text"),
+    ({"SOPInstanceUID": "1.2.3"}, "1 source SOPInstanceUIDs are duplicated"),
+])
+def test_seg_source_problems(sample_series, edit, needle):
+    from monai_covid.batch import seg_source_problems
+
+    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(sample_series.glob("*.dcm"))[:2]]
+    for h in heads:
+        for k, v in edit.items():
+            setattr(h, k, v)
+    problems = seg_source_problems(heads)
+    assert (problems == []) if needle is None else any(p.startswith(needle) for p in problems), problems
 
 
 def test_walk_lists_folders_it_may_not_read(tmp_path, monkeypatch):

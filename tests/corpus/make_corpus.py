@@ -202,6 +202,7 @@ def make_corpus(out: Path, sample: Path) -> dict[str, str]:
     notd = case("not_dicom", "skipped")
     notd.mkdir()
     (notd / "readme.dcm").write_text("this is a text file with a .dcm extension\n")
+    (notd / "notes.txt").write_text("a text file\n")
     (notd / "random.bin").write_bytes(os.urandom(2048))
     (case("empty_folder", "skipped")).mkdir()
     loop = case("symlink_loop", "skipped")
