@@ -270,6 +270,32 @@ def test_every_written_seg_passes_dciodvfy(corpus_run):
     assert any("UID" in e for e in dciodvfy_errors(dirty))
 
 
+@pytest.mark.parametrize("raw,shown", [
+    (os.fsdecode(b"caf\xe9/s\xe9rie"), "caf\\xe9/s\\xe9rie"),  # a Latin-1 byte as Python holds it (surrogateescape)
+    (b"caf\xe9", "caf\\xe9"),
+    ("line\nbreak\rcr\ttab", "line\\nbreak\\rcr\\ttab"),
+    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+    ("abc\u202etxt.exe", "abc\\u202etxt.exe"),  # right-to-left override
+    ("\ud800", "\\ud800"),  # a lone surrogate not from surrogateescape
+    ("Müller ü 胸部", "Müller ü 胸部"),  # valid text passes unchanged
+])
+def test_display_text(raw, shown):
+    from monai_covid.io_utils import display_text
+
+    assert display_text(raw) == shown and display_text(shown) == shown
+    shown.encode("utf-8")
+
+
+@pytest.mark.parametrize("cell,written", [
+    ("=1+2", "'=1+2"), ("+x", "'+x"), ("-x", "'-x"), ("@SUM(A1)", "'@SUM(A1)"), ("a=b", "a=b"),
+    ("\x1b=x", "\\x1b=x"), (0.25, 0.25), (None, None), ("", ""),
+])
+def test_csv_safe_cell(cell, written):
+    from monai_covid.io_utils import csv_safe_cell
+
+    assert csv_safe_cell(cell) == written
+
+
 @pytest.mark.parametrize("edit,needle", [
     ({}, None),
     ({"SOPInstanceUID": ""}, "2 of 2 source SOPInstanceUIDs are empty"),
