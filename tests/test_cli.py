@@ -83,20 +83,21 @@ def test_help_on_every_command():
         assert r.returncode == 0 and "usage: monai-covid" in r.stdout
 
 
-def test_names_that_are_not_utf8_or_hold_control_characters(sample_series, tmp_path):
+def test_names_that_are_not_utf8_or_hold_control_characters(sample_series, tmp_path, capsys):
     """A Latin-1 folder name (old Windows/Samba exports) is read; a newline/ANSI name shows escaped on one line."""
     (tmp_path / "in").mkdir()
     latin1 = os.path.join(os.fsdecode(tmp_path / "in"), os.fsdecode(b"s\xe9rie"))
     os.mkdir(latin1)
     for f in sorted(sample_series.glob("*.dcm"))[:3]:
         shutil.copyfile(f, os.path.join(latin1, f.name))
-    r = _run("convert", tmp_path / "in", tmp_path / "conv")
-    assert r.returncode == 0, r.stderr
+    assert main(["convert", str(tmp_path / "in"), str(tmp_path / "conv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["converted"][0]["series"] == "s\\xe9rie"
     assert sitk.ReadImage(str(tmp_path / "conv" / "s_rie.nii.gz")).GetSize() == (512, 512, 3)
-    r = _run("lungmask", latin1, tmp_path / "lung.nii.gz")
-    assert r.returncode == 0, r.stderr
+    assert main(["lungmask", latin1, str(tmp_path / "lung.nii.gz")]) == 0
+    capsys.readouterr()
     odd = tmp_path / "odd\n\x1b[31mname\r"
-    r = _run("lungmask", odd, tmp_path / "o.nii.gz")
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 1 and len(lines) == 1 and "\x1b" not in r.stderr and "\r" not in r.stderr
+    assert main(["lungmask", str(odd), str(tmp_path / "o.nii.gz")]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "\x1b" not in err and "\r" not in err
     assert "odd\\n\\x1b[31mname\\r: no such file or folder" in lines[0]
