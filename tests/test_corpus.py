@@ -296,6 +296,28 @@ def test_csv_safe_cell(cell, written):
     assert csv_safe_cell(cell) == written
 
 
+def test_one_odd_value_spoils_only_its_own_cell(tmp_path):
+    from monai_covid.batch import write_report
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    results = [
+        {"case_id": "a", "source": os.fsdecode(b"a\xe9\n"), "status": "ok", "n_slices": 5, "warnings": ["w1", "=w2"]},
+        {"case_id": "b", "source": Unprintable(), "status": "failed", "error": "=cmd|' /C calc'!A0"},
+        {"case_id": "c", "source": "c", "status": "ok", "lung_volume_ml": 12.5},
+    ]
+    write_report(results, tmp_path)
+    with open(tmp_path / "report.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == ["a", "b", "c"]
+    assert rows[0]["source"] == "a\\xe9\\n" and rows[0]["warnings"] == "w1; =w2" and rows[0]["n_slices"] == "5"
+    assert rows[1]["source"] == "(value not shown: RuntimeError)" and rows[1]["error"] == "'=cmd|' /C calc'!A0"
+    assert rows[2]["lung_volume_ml"] == "12.5"
+    assert "(value not shown: RuntimeError)" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("edit,needle", [
     ({}, None),
     ({"SOPInstanceUID": ""}, "2 of 2 source SOPInstanceUIDs are empty"),
