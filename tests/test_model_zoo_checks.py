@@ -241,6 +241,10 @@ def test_every_entry_config_checks_the_package_first(bundle):
         parser.read_meta(str(bundle / "configs" / "metadata.json"))
         assert parser["initialize"][0] == "$@check_requirements", f"{combo}: initialize does not start with the check"
         assert parser.get_parsed_content("check_requirements") is None  # this checkout's package satisfies it
+    for cfg in sorted((bundle / "configs").glob("*.json")):  # any other config that replaces initialize
+        init = json.loads(cfg.read_text()).get("initialize")
+        if cfg.name != "metadata.json" and init is not None:
+            assert init[:1] == ["$@check_requirements"], f"{cfg.name}: initialize does not start with the check"
 
 
 def test_requirement_check_message(tmp_path):
