@@ -16,12 +16,14 @@ Grouping, so that slices of one patient stay in one fold where the data say whic
 - ``cxr_infection`` and ``ct_slices_cls``: no patient ids exist; folds are stratified by class and assigned in a
   fixed order. Slices of one patient may therefore fall into different folds (stated in the bundle docs).
   ``ct_slices_cls_grouped`` groups near-duplicate slices (``data_prep.near_duplicates``) and keeps each group in
-  one fold; ``ct_slices_ucsd`` (external test set) carries patient ids as ``group``.
+  one fold; ``ct_slices_ucsd`` (external test set) carries patient ids as ``group``. ``cxr_infection_grouped``
+  does the same for the 3,060 X-rays (threshold :data:`CXR_NCC_THRESHOLD`, chosen in the infection-map bundle docs).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import os
 import re
@@ -36,6 +38,8 @@ __all__ = [
     "pseudo_label_patient",
     "PSEUDO_HOLDOUT_PATIENTS",
     "cxr_infection_datalist",
+    "cxr_infection_grouped_datalist",
+    "CXR_NCC_THRESHOLD",
     "ct_slices_cls_datalist",
     "ct_slices_cls_grouped_datalist",
     "ct_slices_ucsd_datalist",
@@ -214,6 +218,49 @@ def ct_slices_cls_grouped_datalist(
     return sorted(items, key=lambda d: (d["fold"], d["image"]))
 
 
+#: NCC of 64x64 thumbnails at or above which two training X-rays of ``cxr_infection`` join one group. Chosen from the
+#: pair scores of the 3,060 X-rays (bundles/covid_cxr_infection_map_unet/docs/README.md, "v3 plan"): 20 of 2.25 M
+#: COVID-vs-other pairs (different patients) reach 0.93 against 120 of 1.67 M COVID-COVID pairs; lower thresholds
+#: chain unrelated X-rays into one group (largest group 102 at 0.92, 528 at 0.90; 38 at 0.93).
+CXR_NCC_THRESHOLD = 0.93
+
+
+@functools.lru_cache(maxsize=4)
+def _cxr_groups_and_folds(root: str, names: tuple[str, ...], classes: tuple[str, ...], n_folds: int, threshold: float):
+    from data_prep import near_duplicates as nd
+
+    scores = nd.ncc_matrix(nd.thumbnails([os.path.join(root, c, "images", n) for c, n in zip(classes, names)]))
+    groups = nd.group_near_duplicates(scores, threshold)
+    return tuple(groups), tuple(nd.grouped_folds(groups, list(classes), n_folds=n_folds))
+
+
+def cxr_infection_grouped_datalist(
+    data_dir: str | os.PathLike, n_folds: int = 5, threshold: float | None = None
+) -> list[dict[str, Any]]:
+    """``cxr_infection`` with near-duplicate ``group`` ids and grouped folds (no group in two folds).
+
+    The set has no patient ids: X-rays whose 64x64 thumbnails correlate at ``threshold`` or more (default
+    :data:`CXR_NCC_THRESHOLD`) join one group, transitively; folds are balanced over the three classes
+    (:func:`data_prep.near_duplicates.grouped_folds`). Deterministic (depends on file names and pixels only);
+    ~15 s for the 3,060 X-rays on one CPU thread, cached per process.
+    """
+    items = sorted(
+        cxr_infection_datalist(data_dir, n_folds=n_folds),
+        key=lambda d: (d["class_name"], _natural_key(Path(d["image"]).name)),
+    )
+    root = str(Path(data_dir) / "cxr_infection" / "train")
+    groups, folds = _cxr_groups_and_folds(
+        root,
+        tuple(Path(d["image"]).name for d in items),
+        tuple(d["class_name"] for d in items),
+        n_folds,
+        CXR_NCC_THRESHOLD if threshold is None else float(threshold),
+    )
+    for d, g, f in zip(items, groups, folds):
+        d["group"], d["fold"] = f"g{g:04d}", f
+    return sorted(items, key=lambda d: (d["fold"], d["image"]))
+
+
 def ct_slices_ucsd_datalist(data_dir: str | os.PathLike, split: str = "val") -> list[dict[str, Any]]:
     """UCSD COVID-CT (``ct_slices_ucsd``, external test set): image, ``label`` 1 = COVID, ``group`` = patient id."""
     root = Path(data_dir) / "ct_slices_ucsd"
@@ -277,6 +324,7 @@ def oversample(items: Sequence[dict[str, Any]], key: str, repeats: dict[Any, int
 _BUILDERS = {
     "ct_lesion_slices": ct_lesion_datalist,
     "cxr_infection": cxr_infection_datalist,
+    "cxr_infection_grouped": cxr_infection_grouped_datalist,
     "ct_slices_cls": ct_slices_cls_datalist,
     "ct_slices_cls_grouped": ct_slices_cls_grouped_datalist,
 }
