@@ -39,6 +39,7 @@ __all__ = [
     "lung_crop_box",
     "preprocess_volume",
     "preprocess_slice_8bit",
+    "lung_mask_8bit",
     "encode_volume",
     "predict_volume",
     "predict_volume_details",
@@ -117,13 +118,12 @@ def _fallback_mask(u8: np.ndarray, threshold: float = 128.0) -> np.ndarray:
     return ndi.binary_dilation(np.isin(labels, keep), iterations=2)
 
 
-def preprocess_slice_8bit(u8: np.ndarray, size: int = 128) -> torch.Tensor:
-    """A windowed 8-bit CT slice (y, x) (e.g. ``ct_slices_cls``) -> (2, size, size) float32 (image, lung mask).
+def lung_mask_8bit(u8: np.ndarray) -> np.ndarray:
+    """Lung mask (y, x) bool of a windowed 8-bit CT slice whose window is unknown.
 
-    Image: ``p / 255`` (the display scale HU volumes are mapped to), tone mapped. Lung mask: the window of a 2D
-    set is unknown and differs between sets (lungs at grey 40 in coronacases, 150 in ct_slices_cls), so the
-    pseudo-HU image handed to ``lung_mask`` puts the image's Otsu threshold (air/lung vs. tissue) at -600 HU,
-    ``lung_mask``'s own threshold; a filled Otsu-threshold mask is the fallback when that finds no lung.
+    The window differs between the 2D sets (lungs at grey 40 in coronacases, 150 in ct_slices_cls), so the
+    pseudo-HU image handed to ``data_prep.lung.lung_mask`` puts the image's Otsu threshold (air/lung vs. tissue) at
+    -600 HU, ``lung_mask``'s own threshold; a filled Otsu-threshold mask is the fallback when that finds no lung.
     """
     from skimage.filters import threshold_otsu
 
@@ -132,7 +132,6 @@ def preprocess_slice_8bit(u8: np.ndarray, size: int = 128) -> torch.Tensor:
     a = np.asarray(u8, dtype=np.float32)
     if a.ndim == 3:
         a = a[..., 0]
-    img = a / 255.0
     otsu = float(threshold_otsu(a)) if a.max() > a.min() else 128.0
     lo, hi = VOLUME_WINDOW
     try:
@@ -141,7 +140,19 @@ def preprocess_slice_8bit(u8: np.ndarray, size: int = 128) -> torch.Tensor:
         mask = np.zeros(a.shape, bool)
     if mask.sum() < 0.02 * mask.size:
         mask = _fallback_mask(a, otsu)
-    img_t = _TONE(torch.as_tensor(img))
+    return mask
+
+
+def preprocess_slice_8bit(u8: np.ndarray, size: int = 128) -> torch.Tensor:
+    """A windowed 8-bit CT slice (y, x) (e.g. ``ct_slices_cls``) -> (2, size, size) float32 (image, lung mask).
+
+    Image: ``p / 255`` (the display scale HU volumes are mapped to), tone mapped; lung mask: :func:`lung_mask_8bit`.
+    """
+    a = np.asarray(u8, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[..., 0]
+    mask = lung_mask_8bit(a)
+    img_t = _TONE(torch.as_tensor(a / 255.0))
     return _resize_pair(img_t[None], torch.as_tensor(mask)[None], size)[0]
 
 

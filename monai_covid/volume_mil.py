@@ -253,12 +253,17 @@ class BagBuilder:
 
     ``sample(rng)`` returns ``(slice indices (n,), bag label, slice labels (n,))``; kinds cycle between positive
     and negative bags (see the module docstring). ``max_slices`` bounds a bag; ``min_slices`` the lower end.
+    ``real_volume_share``: the share of positive-volume bags drawn from real HU series (source ``ct_dicom``, i.e.
+    P001 when it is a training volume) instead of uniformly over all positive volumes (0: uniform).
     """
 
-    def __init__(self, table: SliceTable, idx: np.ndarray, max_slices: int = 48, min_slices: int = 12) -> None:
+    def __init__(
+        self, table: SliceTable, idx: np.ndarray, max_slices: int = 48, min_slices: int = 12, real_volume_share: float = 0.0
+    ) -> None:
         self.table = table
         idx = np.asarray(idx)
         self.max_slices, self.min_slices = max_slices, min_slices
+        self.real_volume_share = float(real_volume_share)
         lab, src, grp = table.label[idx], table.source[idx], table.group[idx]
         ordered = table.order[idx] >= 0
         self.pos_volumes: dict[str, np.ndarray] = {}
@@ -283,6 +288,7 @@ class BagBuilder:
         if not self.kinds:
             raise ValueError("no bag can be built from these slices")
         self.groups = set(grp.tolist())
+        self.real_pos = [g for g, rows in self.pos_volumes.items() if table.source[rows[0]] == "ct_dicom"]
 
     def _negatives(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` lesion-free slices: a run of a negative volume when there is one (half the time), else 2D ones."""
@@ -298,7 +304,10 @@ class BagBuilder:
         n = int(rng.integers(self.min_slices, self.max_slices + 1))
         lab = self.table.label
         if kind == "pos_volume":
-            rows = list(self.pos_volumes.values())[rng.integers(len(self.pos_volumes))]
+            if self.real_volume_share > 0 and self.real_pos and rng.random() < self.real_volume_share:
+                rows = self.pos_volumes[self.real_pos[rng.integers(len(self.real_pos))]]
+            else:
+                rows = list(self.pos_volumes.values())[rng.integers(len(self.pos_volumes))]
             k = int(min(len(rows), rng.integers(max(2, n // 8), max(3, (3 * n) // 4))))
             s = rng.integers(0, len(rows) - k + 1)
             pos = rows[s : s + k]
@@ -599,6 +608,7 @@ def train_detector(
     log: Any = print,
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
+    real_volume_share: float = 0.0,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The whole recipe on the rows ``train_idx`` of ``table``: stage 1, encoder features of *every* row (for later
     evaluation), stage 2 (ResNeXtPlus only) and the slice threshold at ``max_fpr`` on training bags.
@@ -613,7 +623,7 @@ def train_detector(
                              log=log, checkpoint=checkpoint, device=device)
     t1 = time.time()
     feats = encode_slices(net, table.x, device=device)
-    bags = BagBuilder(table, train_idx)
+    bags = BagBuilder(table, train_idx, real_volume_share=real_volume_share)
     is_mil = hasattr(net, "head_from_features")
     hist2 = train_mil_head(net, feats, bags, steps=mil_steps, seed=seed, log=log, device=device) if is_mil else []
     sc = score_bags(net, feats, bags, seed=seed + 777, device=device)

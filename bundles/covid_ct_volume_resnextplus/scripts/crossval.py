@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=1024, help="slices drawn per pre-training epoch")
     ap.add_argument("--mil_steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--real_volume_share", type=float, default=0.0, help="share of positive-volume bags from real HU series")
+    ap.add_argument("--name", default=None, help="result name for --final (default: final)")
     ap.add_argument("--save", default=None, help="fp16 weights path for --final")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +125,7 @@ def main() -> None:
 
     runs = [None] if args.final else (args.only if args.only is not None else list(range(args.folds)))
     for fold in runs:
-        name = "final" if fold is None else f"fold{fold}"
+        name = (args.name or "final") if fold is None else f"fold{fold}"
         if (out / f"{name}.json").is_file():
             log(f"{name}: done already")
             continue
@@ -133,7 +135,8 @@ def main() -> None:
         net = make_network(args.model)
         t0 = time.time()
         summ, feats = vm.train_detector(net, table, tr, pretrain_epochs=args.pretrain_epochs, draws_per_epoch=args.draws,
-                                        mil_steps=args.mil_steps, seed=args.seed, log=log, checkpoint=out / f"{name}_ckpt.pt")
+                                        mil_steps=args.mil_steps, seed=args.seed, log=log, checkpoint=out / f"{name}_ckpt.pt",
+                                        real_volume_share=args.real_volume_share)
         summ["seconds_with_encoding"] = round(time.time() - t0, 1)
         res = {"fold": fold, "summary": summ, "val_groups": sorted(set(table.group[va].tolist()))}
         if fold is not None:
