@@ -278,6 +278,10 @@ class InfectionMapWriter:
     Reads the decollated engine output: ``pred_key`` the probability map and ``image_key`` the X-ray in [0, 1], both
     ``(1, H, W)`` at the input's size; the file name from ``pred_key``'s or ``image_key``'s meta data. The CSV
     (``image,covid_probability,covid_detected,infected_area_percent``) is written when the run completes.
+
+    ``detector``: ``None`` (default) applies the paper's rule (``covid_probability`` = max p, detected when it is
+    ``>= threshold``); a :class:`monai_covid.cxr_detector.CxrDetector` or the path of its JSON file gives the
+    calibrated ``covid_probability`` and its own threshold (issue 19; fitted on out-of-fold training maps).
     """
 
     CSV_COLUMNS = ("image", "covid_probability", "covid_detected", "infected_area_percent")
@@ -290,7 +294,13 @@ class InfectionMapWriter:
         threshold: float = 0.5,
         zero_below: float = 0.01,
         csv_name: str = "predictions.csv",
+        detector: Any = None,
     ) -> None:
+        from monai_covid.cxr_detector import CxrDetector
+
+        self.detector = detector if isinstance(detector, CxrDetector) or detector is None else CxrDetector.load(detector)
+        if self.detector is not None and self.detector.use_lung:
+            raise ValueError("the infection-map bundle predicts no lung mask: use a detector fitted without one")
         self.output_dir = Path(output_dir)
         self.pred_key, self.image_key = pred_key, image_key
         self.threshold, self.zero_below, self.csv_name = threshold, zero_below, csv_name
@@ -322,10 +332,15 @@ class InfectionMapWriter:
         stem = self._stem(Path(source))
         atomic_save_png(self.output_dir / f"{stem}_seg.png", np.where(p >= self.threshold, 255, 0).astype(np.uint8))
         atomic_save_png(self.output_dir / f"{stem}_map.png", infection_map(p, image, self.zero_below))
+        if self.detector is None:
+            prob_covid, detected = covid_probability(p), covid_detected(p, self.threshold)
+        else:
+            res = self.detector(p)
+            prob_covid, detected = res["covid_probability"], res["covid_detected"]
         row = {
             "image": Path(source).name,
-            "covid_probability": f"{covid_probability(p):.4f}",
-            "covid_detected": int(covid_detected(p, self.threshold)),
+            "covid_probability": f"{prob_covid:.4f}",
+            "covid_detected": int(detected),
             "infected_area_percent": f"{infected_area_percent(p, self.threshold):.2f}",
         }
         self.rows.append(row)
@@ -357,12 +372,14 @@ def predict_cxr(
     image_size: tuple[int, int] = (256, 256),
     threshold: float = 0.5,
     zero_below: float = 0.01,
+    detector: Any = None,
 ) -> dict[str, Any]:
     """One X-ray ``(H, W)`` in [0, 1] through the infection U-Net, as ``inference.json`` does it.
 
     Resized to ``image_size`` (bilinear, anti-aliased), sigmoid, probability resized back to ``(H, W)``. Returns
     ``prob`` (float32 ``(H, W)``), ``seg`` (uint8 0/255), ``map`` (RGBA uint8, :func:`infection_map`),
-    ``covid_probability``, ``covid_detected`` and ``infected_area_percent``.
+    ``covid_probability``, ``covid_detected`` and ``infected_area_percent``; ``detector`` (a
+    :class:`monai_covid.cxr_detector.CxrDetector` or its JSON path) replaces the paper's rule for the two COVID keys.
     """
     import torch.nn.functional as F
     from monai.transforms import Resize
@@ -375,11 +392,18 @@ def predict_cxr(
     with torch.no_grad():
         p = torch.sigmoid(net(x).float())
     prob = F.interpolate(p, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    if detector is not None:
+        from monai_covid.cxr_detector import CxrDetector
+
+        det = detector if isinstance(detector, CxrDetector) else CxrDetector.load(detector)
+        res = det(prob)
+        covid = {"covid_probability": res["covid_probability"], "covid_detected": res["covid_detected"]}
+    else:
+        covid = {"covid_probability": covid_probability(prob), "covid_detected": covid_detected(prob, threshold)}
     return {
         "prob": prob,
         "seg": np.where(prob >= threshold, 255, 0).astype(np.uint8),
         "map": infection_map(prob, img, zero_below),
-        "covid_probability": covid_probability(prob),
-        "covid_detected": covid_detected(prob, threshold),
+        **covid,
         "infected_area_percent": infected_area_percent(prob, threshold),
     }

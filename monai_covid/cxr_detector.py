@@ -1,0 +1,256 @@
+"""COVID-19 detection from a chest X-ray infection-probability map: the paper's rule and a calibrated map classifier.
+
+Degerli et al., "COVID-19 infection map generation and detection from chest X-ray images", Health Inf Sci Syst 9, 15
+(2021), section "Infection map generation and COVID-19 detection", call an X-ray COVID-19 when any pixel of the map has
+``p >= 0.5`` (:func:`monai_covid.infection_map.covid_detected`). On COVID-QU-Ex that rule also fires on non-COVID
+pneumonia (issue 19: specificity 0.515 on a 1,151-image held-out detection set), so the default detector of the v3
+bundle is a small logistic classifier on a few numbers read off the map (:func:`map_features`):
+
+- ``max_prob`` — the highest pixel probability (the paper's score);
+- ``area`` — the share of the region's pixels with ``p >= 0.5``;
+- ``mean_prob`` — the mean probability over the region;
+- ``q99_prob`` — the 99th percentile of the probability over the region;
+- ``bilateral`` — the smaller of the two ``area`` values of the left and right half of the region (COVID-19
+  pneumonia is typically bilateral and peripheral; bacterial pneumonia is often one lobe).
+
+The region is the lung mask when one is given (the data set's lung masks in training) and the whole image otherwise
+(the bundle's network predicts no lung mask; the CV driver measures both, :mod:`monai_covid.cxr_cv`).
+
+:class:`CxrDetector` standardises the chosen features (probabilities as logits, areas as ``log(area + 1e-4)``),
+fits an L2-regularised logistic regression (IRLS) on **out-of-fold training predictions** only, so its output is the
+calibrated ``covid_probability``, and picks its threshold on those same training predictions
+(:func:`choose_threshold`: the lowest cut-off whose specificity on *each* negative class is at least
+``min_specificity``). ``rule="paper"`` keeps the paper's rule (``covid_probability`` = max p, threshold 0.5).
+A detector is stored as a small JSON file (:meth:`CxrDetector.save` / :meth:`CxrDetector.load`).
+
+Shapes: probability maps and lung masks are ``(H, W)`` arrays or ``(1, H, W)`` tensors, values in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FEATURES",
+    "DEFAULT_FEATURES",
+    "map_features",
+    "fit_logistic",
+    "choose_threshold",
+    "CxrDetector",
+]
+
+#: every feature :func:`map_features` returns, in a fixed order
+FEATURES: tuple[str, ...] = ("max_prob", "area", "mean_prob", "q99_prob", "bilateral")
+#: features of the default detector (all of them; the CV driver reports each detector it fits)
+DEFAULT_FEATURES: tuple[str, ...] = FEATURES
+_EPS = 1e-4
+
+
+def _as_2d(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise ValueError(f"expected an (H, W) or (1, H, W) array, got shape {arr.shape}")
+    return arr
+
+
+def map_features(
+    prob: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor | None = None, threshold: float = 0.5
+) -> dict[str, float]:
+    """The detector's numbers of one probability map (see the module docstring), inside ``lung`` when given.
+
+    An empty lung mask falls back to the whole image (a lung mask that found nothing must not hide the map).
+    """
+    p = _as_2d(prob).astype(np.float64)
+    region = np.ones(p.shape, dtype=bool) if lung is None else _as_2d(lung) > 0.5
+    if region.shape != p.shape:
+        raise ValueError(f"lung mask {region.shape} and probability map {p.shape} differ in size")
+    if not region.any():
+        region = np.ones(p.shape, dtype=bool)
+    inside = p[region]
+    hot = (p >= threshold) & region
+    cols = np.nonzero(region.any(axis=0))[0]
+    mid = (cols[0] + cols[-1] + 1) / 2.0  # the region's own midline, not the image's
+    x = np.arange(p.shape[1])[None, :]
+    halves = [(region & (x < mid)), (region & (x >= mid))]
+    side_area = [hot[h].sum() / max(h.sum(), 1) for h in halves]
+    return {
+        "max_prob": float(p.max()),
+        "area": float(hot.sum() / region.sum()),
+        "mean_prob": float(inside.mean()),
+        "q99_prob": float(np.quantile(inside, 0.99)),
+        "bilateral": float(min(side_area)),
+    }
+
+
+def _transform(name: str, values: np.ndarray) -> np.ndarray:
+    """Feature value -> model input: logit of a probability, log of an area share (both monotone increasing)."""
+    v = np.clip(np.asarray(values, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(v / (1.0 - v)) if name.endswith("_prob") else np.log(v)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+
+
+def fit_logistic(X: np.ndarray, y: Sequence[int], l2: float = 1e-2, iters: int = 100) -> tuple[np.ndarray, float]:
+    """Weights ``w`` and bias ``b`` of ``P(y=1 | x) = sigmoid(x @ w + b)`` by Newton/IRLS with an L2 penalty on ``w``.
+
+    ``X`` is ``(N, F)`` (standardised features), ``y`` 0/1. The penalty keeps the fit finite when the classes
+    separate; the bias is not penalised.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"X must be (N, F) with N = len(y), got {X.shape} for {len(y)} labels")
+    if len(np.unique(y)) < 2:
+        raise ValueError("fit_logistic needs both classes")
+    A = np.concatenate([X, np.ones((len(X), 1))], axis=1)
+    pen = np.full(A.shape[1], l2)
+    pen[-1] = 0.0
+    w = np.zeros(A.shape[1])
+    for _ in range(iters):
+        p = _sigmoid(A @ w)
+        grad = A.T @ (p - y) + pen * w
+        hess = (A * (p * (1 - p))[:, None]).T @ A + np.diag(pen) + 1e-9 * np.eye(A.shape[1])
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return w[:-1], float(w[-1])
+
+
+def choose_threshold(
+    probs: Sequence[float], labels: Sequence[int], classes: Sequence[str] | None = None, min_specificity: float = 0.98
+) -> float:
+    """The lowest cut-off on ``probs`` at which the specificity of every negative class is ``>= min_specificity``.
+
+    ``classes`` names the class of each item (e.g. ``non_covid`` / ``normal``; all negatives are one class when
+    omitted); positives are ``labels == 1``. The cut-off lies midway between two neighbouring scores, so a rerun on
+    the same predictions gives the same value. Pick it on training folds only.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    cls = np.asarray(["negative" if c is None else str(c) for c in classes] if classes is not None else ["negative"] * len(p))
+    negatives = [p[(y == 0) & (cls == c)] for c in sorted(set(cls[y == 0]))]
+    if not negatives:
+        raise ValueError("choose_threshold needs negative examples")
+    # per negative class: the smallest cut-off with at most floor((1 - s) n) scores at or above it
+    cut = 0.0
+    for neg in negatives:
+        s = np.sort(neg)[::-1]
+        allowed = int(np.floor((1.0 - min_specificity) * len(s) + 1e-9))
+        if allowed >= len(s):
+            continue
+        top = s[allowed]  # the highest score that must fall below the cut-off
+        above = p[p > top]
+        nxt = above.min() if above.size else min(top + 1e-6, 1.0)
+        cut = max(cut, float((top + nxt) / 2.0))
+    return cut
+
+
+@dataclass
+class CxrDetector:
+    """COVID-19 yes/no and a calibrated probability from an infection map (see the module docstring).
+
+    ``rule="logistic"`` (default): ``covid_probability = sigmoid(sum_i w_i (t_i(f_i) - mean_i) / scale_i + bias)``,
+    ``covid_detected = covid_probability >= threshold``. ``rule="paper"``: ``covid_probability`` = max p,
+    ``covid_detected`` = max p ``>= threshold`` (0.5), no fitting. ``use_lung``: features inside a lung mask (the
+    caller must then pass one) instead of the whole image.
+    """
+
+    rule: str = "logistic"
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    weights: list[float] = field(default_factory=list)
+    bias: float = 0.0
+    mean: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    threshold: float = 0.5
+    use_lung: bool = False
+    map_threshold: float = 0.5
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("logistic", "paper"):
+            raise ValueError(f"rule must be 'logistic' or 'paper', got {self.rule!r}")
+        unknown = set(self.features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
+        self.features = tuple(self.features)
+
+    # ----------------------------------------------------------------------------------------------- fitting
+    @classmethod
+    def paper(cls, threshold: float = 0.5) -> CxrDetector:
+        """The paper's rule: any pixel ``>= threshold``."""
+        return cls(rule="paper", features=("max_prob",), threshold=threshold)
+
+    @classmethod
+    def fit(
+        cls,
+        rows: Sequence[Mapping[str, float]],
+        labels: Sequence[int],
+        classes: Sequence[str] | None = None,
+        features: Sequence[str] = DEFAULT_FEATURES,
+        min_specificity: float = 0.98,
+        use_lung: bool = False,
+        l2: float = 1e-2,
+    ) -> CxrDetector:
+        """Fit on feature rows (:func:`map_features` of out-of-fold maps) of training folds, threshold included."""
+        det = cls(rule="logistic", features=tuple(features), use_lung=use_lung)
+        Z = det._design(rows, standardise=False)
+        det.mean = Z.mean(axis=0).tolist()
+        det.scale = np.where(Z.std(axis=0) > 1e-12, Z.std(axis=0), 1.0).tolist()
+        w, b = fit_logistic(det._design(rows), labels, l2=l2)
+        det.weights, det.bias = w.tolist(), b
+        det.threshold = choose_threshold(det.probability(rows), labels, classes, min_specificity)
+        det.info = {"n": len(labels), "positives": int(np.sum(labels)), "min_specificity": min_specificity, "l2": l2}
+        return det
+
+    # ----------------------------------------------------------------------------------------------- scoring
+    def _design(self, rows: Sequence[Mapping[str, float]], standardise: bool = True) -> np.ndarray:
+        Z = np.stack([_transform(f, np.array([r[f] for r in rows], dtype=np.float64)) for f in self.features], 1)
+        return (Z - np.asarray(self.mean)) / np.asarray(self.scale) if standardise else Z
+
+    def probability(self, rows: Sequence[Mapping[str, float]]) -> np.ndarray:
+        """``covid_probability`` of each feature row (calibrated for ``rule="logistic"``, max p for the paper)."""
+        if self.rule == "paper":
+            return np.array([float(r["max_prob"]) for r in rows])
+        if not self.weights:
+            raise ValueError("this detector is not fitted (no weights); fit it or use CxrDetector.paper()")
+        return _sigmoid(self._design(rows) @ np.asarray(self.weights) + self.bias)
+
+    def __call__(self, prob: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
+        """``covid_probability``, ``covid_detected`` (and the features) of one probability map."""
+        if self.use_lung and lung is None:
+            raise ValueError("this detector was fitted on lung-restricted features: pass a lung mask")
+        feats = map_features(prob, lung if self.use_lung else None, self.map_threshold)
+        pr = float(self.probability([feats])[0])
+        return {"covid_probability": pr, "covid_detected": bool(pr >= self.threshold), **feats}
+
+    # -------------------------------------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from monai_covid.io_utils import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> CxrDetector:
+        """A detector from its JSON file; ``None`` gives the paper's rule."""
+        if path is None:
+            return cls.paper()
+        d = json.loads(Path(path).read_text())
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
