@@ -1,0 +1,298 @@
+"""Grouped 5-fold cross-validation of the CXR infection-map bundle, and the detector fitted on out-of-fold maps.
+
+Issue 19 (v3 of ``bundles/covid_cxr_infection_map_unet``). Three steps, each resumable::
+
+    # 1. train every (variant, fold) on the near-duplicate-grouped folds (data_prep.datalists "cxr_infection_grouped"),
+    #    one thread a run, --jobs runs at once, logs in WORK/<variant>_fold<k>.log, a checkpoint every epoch
+    python -m monai_covid.cxr_cv train bundles/covid_cxr_infection_map_unet --variants slim unet --jobs 2 \\
+        --work_dir /tmp/cxr_v3 [--resume]
+    # 2. score each fold's last-epoch model on its held-out fold: pixel counts and detector features per X-ray
+    python -m monai_covid.cxr_cv score bundles/covid_cxr_infection_map_unet --variants slim unet --work_dir /tmp/cxr_v3
+    # 3. per-fold table (pixel SEN/PRE/F1/F2, detection SEN/SPE per class/F1/AUC) with the detectors fitted on the
+    #    other folds' out-of-fold maps, ROC and reliability PNGs, and WORK/<variant>/detector.json fitted on all folds
+    python -m monai_covid.cxr_cv report bundles/covid_cxr_infection_map_unet --variants slim unet --work_dir /tmp/cxr_v3 \\
+        --docs_dir bundles/covid_cxr_infection_map_unet/docs/v3
+
+Nothing is picked on the fold that is reported: every run trains a fixed number of epochs and its **last** epoch is
+scored (``model_final.pt``; the held-out fold is looked at once, after training); each detector (calibration and
+threshold) scored on fold ``k`` is fitted on the out-of-fold maps of the other folds only
+(:class:`monai_covid.cxr_detector.CxrDetector`). Training runs through :func:`monai_covid.crossval.train_one`
+(the bundle's ``train.json`` in a subprocess, ``OMP_NUM_THREADS=1``), so ``--resume`` continues a run from its last
+epoch checkpoint and a finished run (``train_info.json``) is never retrained.
+
+Epoch counts are set by CPU time (see the bundle docs, "v3 plan"): the stock MONAI UNet (the floor) gets the same
+CPU time per fold as the slim DenseNet U-Net, so more epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["VARIANTS", "COMMON", "run_overrides", "train", "score", "fold_metrics", "report", "main"]
+
+#: train.json overrides of every run (grouped folds, the CPU recipe of the shipped model, no per-epoch validation)
+COMMON: dict[str, Any] = {
+    "datalist_name": "cxr_infection_grouped",
+    "image_size": [256, 256],
+    "batch_size": 8,
+    "learning_rate": 0.001,
+}
+#: the rows of the v3 table; ``max_epochs`` from the measured CPU seconds per step (bundle docs, "v3 plan")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "slim": {"max_epochs": 12},  # InfectionUNet as shipped (growth 12, 24 stem features, decoder 64..8)
+    "unet": {  # the floor: stock MONAI UNet as its tutorials build it, same CPU time (0.47x the time per step)
+        "max_epochs": 26,
+        "network_def": {
+            "_target_": "UNet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [16, 32, 64, 128, 256],
+            "strides": [2, 2, 2, 2],
+            "num_res_units": 2,
+        },
+    },
+}
+LABELS = {"slim": "DenseNet-121 slim U-Net (InfectionUNet, 1.62 M)", "unet": "stock MONAI UNet 16-256, 2 res units (floor)"}
+DETECTORS = ("paper", "logistic_image", "logistic_lung")
+
+
+def _subsample_expr(part: str, every: int) -> str:
+    return f"$make_datalist(@datalist_name, @dataset_dir, fold=@fold, n_folds=@n_folds, part='{part}')[::{every}]"
+
+
+def run_overrides(variant: str, fold: int, data_dir: str, n_folds: int = 5, resume: bool = False,
+                  every: int = 1, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``train.json`` overrides of one CV run: ``COMMON``, the variant, the fold; the held-out fold is validated once,
+    after the last epoch (``val_interval`` = ``max_epochs``), and early stopping is off. ``every`` > 1 keeps every
+    ``every``-th X-ray (smoke runs)."""
+    ov: dict[str, Any] = {**COMMON, **VARIANTS[variant], **(extra or {})}
+    epochs = int(ov["max_epochs"])
+    ov.update({"dataset_dir": data_dir, "fold": fold, "n_folds": n_folds, "resume": resume,
+               "val_interval": epochs, "early_stop_patience": epochs + 1})
+    if every > 1:
+        ov["train_datalist"] = _subsample_expr("train", every)
+        ov["val_datalist"] = _subsample_expr("val", every)
+    return ov
+
+
+def train(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir: Path, data_dir: str, n_folds: int = 5,
+          jobs: int = 2, resume: bool = False, every: int = 1, extra: dict[str, Any] | None = None) -> None:
+    """Train (or resume, or skip when finished) every (variant, fold) run, ``jobs`` at once, one thread each."""
+    from monai_covid.crossval import _run_all
+
+    todo = []
+    for v in variants:
+        for k in folds:
+            ov = run_overrides(v, k, data_dir, n_folds, resume, every, extra)
+            todo.append(((v, k), work_dir / v / f"fold{k}", ov, work_dir / f"{v}_fold{k}.log"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _run_all(todo, bundle, jobs)
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+_FEATURE_COLS = ("max_prob", "area", "mean_prob", "q99_prob", "bilateral")
+
+
+def score(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir: Path, data_dir: str, n_folds: int = 5,
+          every: int = 1, extra: dict[str, Any] | None = None) -> list[Path]:
+    """``WORK/<variant>/oof.csv``: per held-out X-ray the pixel counts at p >= 0.5 (against the infection mask, at
+    the mask's size, through :func:`monai_covid.infection_map.predict_cxr` as in inference) and the detector features
+    of the map over the whole image (``img_*``) and inside the data set's lung mask (``lung_*``)."""
+    import torch
+
+    from data_prep.datalists import make_datalist
+    from monai_covid.crossval import load_run
+    from monai_covid.cxr_detector import map_features
+    from monai_covid.infection_map import predict_cxr, read_mask, read_xray
+    from monai_covid.io_utils import atomic_write_csv
+
+    torch.set_num_threads(1)
+    out = []
+    for v in variants:
+        rows = []
+        for k in folds:
+            run_dir = work_dir / v / f"fold{k}"
+            if not (run_dir / "model_final.pt").is_file():
+                print(f"[cxr_cv] {v} fold {k}: no model_final.pt, not scored", flush=True)
+                continue
+            ov = run_overrides(v, k, data_dir, n_folds, every=every, extra=extra)
+            net = load_run(bundle, run_dir, ov, "final")
+            items = make_datalist(ov["datalist_name"], data_dir, fold=k, n_folds=n_folds, part="val")[:: max(every, 1)]
+            for d in items:
+                pr = predict_cxr(net, read_xray(d["image"]), image_size=tuple(ov["image_size"]))["prob"]
+                gt, lung = read_mask(d["label"]) > 0.5, read_mask(d["lung"])
+                hot = pr >= 0.5
+                row = {"variant": v, "fold": k, "image": Path(d["image"]).name, "class_name": d["class_name"],
+                       "covid": d["covid"], "group": d["group"], "tp": int((hot & gt).sum()), "fp": int((hot & ~gt).sum()),
+                       "fn": int((~hot & gt).sum()), "tn": int((~hot & ~gt).sum())}
+                row.update({f"img_{n}": f"{x:.6g}" for n, x in map_features(pr).items()})
+                row.update({f"lung_{n}": f"{x:.6g}" for n, x in map_features(pr, lung).items()})
+                rows.append(row)
+            print(f"[cxr_cv] {v} fold {k}: {len(items)} X-rays scored", flush=True)
+        if rows:
+            out.append(atomic_write_csv(work_dir / v / "oof.csv", rows, list(rows[0])))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- report
+def _features(rows: Sequence[dict[str, Any]], prefix: str) -> list[dict[str, float]]:
+    return [{n: float(r[f"{prefix}_{n}"]) for n in _FEATURE_COLS} for r in rows]
+
+
+def _detector(name: str, rows: Sequence[dict[str, Any]], min_specificity: float):
+    from monai_covid.cxr_detector import CxrDetector
+
+    if name == "paper":
+        return CxrDetector.paper()
+    prefix = "lung" if name == "logistic_lung" else "img"
+    return CxrDetector.fit(_features(rows, prefix), [int(r["covid"]) for r in rows], [r["class_name"] for r in rows],
+                           min_specificity=min_specificity, use_lung=prefix == "lung")
+
+
+def _probabilities(det, name: str, rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    return det.probability(_features(rows, "lung" if name == "logistic_lung" else "img"))
+
+
+def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) -> list[dict[str, Any]]:
+    """Per (fold, detector): pixel SEN/PRE/F1/F2 pooled over the fold's COVID X-rays, and detection figures with the
+    detector fitted on the other folds (the paper's rule needs no fitting)."""
+    from monai_covid.threshold_analysis import roc_auc
+
+    rows = list(rows)
+    folds = sorted({int(r["fold"]) for r in rows})
+    out = []
+    for k in folds:
+        test = [r for r in rows if int(r["fold"]) == k]
+        rest = [r for r in rows if int(r["fold"]) != k]
+        pos = [r for r in test if int(r["covid"])]
+        tp, fp, fn = (sum(int(r[c]) for r in pos) for c in ("tp", "fp", "fn"))
+        sen, pre = tp / max(tp + fn, 1), tp / max(tp + fp, 1)
+        pix = {"pixel_sen": sen, "pixel_pre": pre, "pixel_f1": 2 * tp / max(2 * tp + fp + fn, 1),
+               "pixel_f2": 5 * pre * sen / max(4 * pre + sen, 1e-12)}
+        y = np.array([int(r["covid"]) for r in test])
+        cls = np.array([r["class_name"] for r in test])
+        for name in DETECTORS:
+            if name != "paper" and len({int(r["covid"]) for r in rest}) < 2:
+                continue
+            det = _detector(name, rest, min_specificity)
+            p = _probabilities(det, name, test)
+            hit = p >= det.threshold
+            tpd, fpd = int((hit & (y == 1)).sum()), int((hit & (y == 0)).sum())
+            fnd = int((~hit & (y == 1)).sum())
+            m = {"fold": k, "detector": name, "n": len(test), "threshold": det.threshold, **pix,
+                 "det_sen": tpd / max((y == 1).sum(), 1), "det_spe": 1 - fpd / max((y == 0).sum(), 1),
+                 "det_f1": 2 * tpd / max(2 * tpd + fpd + fnd, 1),
+                 "det_auc": roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan")}
+            for c in ("non_covid", "normal"):
+                neg = cls == c
+                m[f"spe_{c}"] = float(1 - hit[neg].mean()) if neg.any() else float("nan")
+            out.append(m)
+    return out
+
+
+_COLS = ("pixel_sen", "pixel_pre", "pixel_f1", "pixel_f2", "det_sen", "det_spe", "spe_non_covid", "spe_normal",
+         "det_f1", "det_auc")
+
+
+def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str, min_specificity: float = 0.98) -> str:
+    """``cv_v3_results.md`` / ``.json`` (per fold, mean ± sd, Student-t 95 % CI over folds), ``roc_v3.png``,
+    ``reliability_v3.png`` and ``WORK/<variant>/detector.json`` (each detector fitted on all out-of-fold maps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from monai_covid.classifier_cv import reliability_bins
+    from monai_covid.crossval import _ci95, _mean_sd
+    from monai_covid.io_utils import atomic_write_json, atomic_write_text
+    from monai_covid.threshold_analysis import roc_curve
+
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| model | detector | fold | N | " + " | ".join(_COLS) + " |", "|---|---|---|---|" + "---|" * len(_COLS)]
+    summary: dict[str, Any] = {"command": command, "min_specificity": min_specificity, "variants": {}}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for v in variants:
+        with open(work_dir / v / "oof.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        per_fold = fold_metrics(rows, min_specificity)
+        summary["variants"][v] = {"per_fold": per_fold, "n": len(rows)}
+        for name in DETECTORS:
+            fr = [m for m in per_fold if m["detector"] == name]
+            for m in fr:
+                lines.append(f"| {LABELS.get(v, v)} | {name} | {m['fold']} | {m['n']} | "
+                             + " | ".join(f"{m[c]:.3f}" for c in _COLS) + " |")
+            if fr:
+                lines.append(f"| {LABELS.get(v, v)} | {name} | mean ± sd (95 % CI) | {sum(m['n'] for m in fr)} | "
+                             + " | ".join(f"{_mean_sd([m[c] for m in fr])} ({_ci95([m[c] for m in fr])})" for c in _COLS) + " |")
+            if name != "paper" and len({int(r["covid"]) for r in rows}) == 2:
+                det = _detector(name, rows, min_specificity)
+                det.save(work_dir / v / f"detector_{name}.json")
+            # out-of-fold probabilities of the nested detectors, for the curves
+            y, p = [], []
+            for k in sorted({int(r["fold"]) for r in rows}):
+                test = [r for r in rows if int(r["fold"]) == k]
+                rest = [r for r in rows if int(r["fold"]) != k]
+                if name != "paper" and len({int(r["covid"]) for r in rest}) < 2:
+                    continue
+                p += _probabilities(_detector(name, rest, min_specificity), name, test).tolist()
+                y += [int(r["covid"]) for r in test]
+            if y and 0 < sum(y) < len(y):
+                fpr, tpr, _ = roc_curve(y, p)
+                axes[0].plot(fpr, tpr, label=f"{v} / {name}")
+                bins = reliability_bins(y, p)
+                axes[1].plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-", label=f"{v} / {name}")
+    for ax, (xl, yl) in zip(axes, (("1 - specificity", "sensitivity"), ("predicted COVID probability", "observed COVID fraction"))):
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7)
+    axes[0].set_title("grouped 5-fold CV, out of fold (COVID vs Non-COVID + Normal)", fontsize=8)
+    axes[1].set_title("reliability, detectors fitted on the other folds", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs_dir / "roc_reliability_v3.png", dpi=100)
+    plt.close(fig)
+    table = "\n".join(lines) + f"\n\n95 % CI: Student t over the fold values. Command: `{command}`\n"
+    atomic_write_text(docs_dir / "cv_v3_results.md", table)
+    atomic_write_json(docs_dir / "cv_v3_results.json", summary)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m monai_covid.cxr_cv", description=__doc__.split("\n\n")[0])
+    p.add_argument("step", choices=("train", "score", "report", "all"))
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--n_folds", type=int, default=5)
+    p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    p.add_argument("--work_dir", type=Path, required=True)
+    p.add_argument("--docs_dir", type=Path, default=None, help="default: WORK/report")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last epoch checkpoint")
+    p.add_argument("--every", type=int, default=1, help="keep every N-th X-ray (smoke runs only)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides (e.g. max_epochs=1)")
+    p.add_argument("--min_specificity", type=float, default=0.98, help="per negative class, on training folds")
+    a = p.parse_args(argv)
+    bundle = a.bundle.resolve()
+    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
+    if a.step in ("train", "all"):
+        train(bundle, a.variants, a.folds, a.work_dir, a.data_dir, a.n_folds, a.jobs, a.resume, a.every, extra)
+    if a.step in ("score", "all"):
+        score(bundle, a.variants, a.folds, a.work_dir, a.data_dir, a.n_folds, a.every, extra)
+    if a.step in ("report", "all"):
+        print(report(a.variants, a.work_dir, a.docs_dir or a.work_dir / "report",
+                     "python -m monai_covid.cxr_cv " + " ".join(argv), a.min_specificity))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

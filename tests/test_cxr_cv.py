@@ -1,0 +1,96 @@
+"""The v3 CV driver of the CXR infection-map bundle (monai_covid.cxr_cv): nested detector figures, a real short
+training run on the grouped folds that resumes from its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monai_covid import cxr_cv
+from tests.test_cxr_detector import _synthetic_set
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_infection_map_unet"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _oof_rows(n_folds: int = 3) -> list[dict]:
+    rows = []
+    for k in range(n_folds):
+        feats, y, kinds = _synthetic_set(10 + k, n=20)
+        for i, (f, c, kind) in enumerate(zip(feats, y, kinds)):
+            r = {"fold": k, "covid": c, "class_name": kind, "image": f"{kind}_{k}_{i}.png", "group": f"g{k}_{i}",
+                 "tp": 80 if c else 0, "fp": 20, "fn": 20 if c else 0, "tn": 1000}
+            r.update({f"img_{n}": v for n, v in f.items()})
+            r.update({f"lung_{n}": v for n, v in f.items()})
+            rows.append(r)
+    return rows
+
+
+def test_fold_metrics_nested_detectors_on_synthetic_oof(tmp_path) -> None:
+    rows = _oof_rows()
+    per = cxr_cv.fold_metrics(rows)
+    assert {(m["fold"], m["detector"]) for m in per} == {(k, d) for k in range(3) for d in cxr_cv.DETECTORS}
+    for m in per:
+        assert m["pixel_sen"] == pytest.approx(0.8) and m["pixel_pre"] == pytest.approx(0.8)
+        assert m["pixel_f1"] == pytest.approx(0.8) and m["pixel_f2"] == pytest.approx(0.8)
+        assert m["n"] == 60
+    paper = [m for m in per if m["detector"] == "paper"]
+    fitted = [m for m in per if m["detector"] == "logistic_image"]
+    # the pneumonia-like maps fool the paper's rule, not the detector fitted on the other folds
+    assert np.mean([m["spe_non_covid"] for m in paper]) < 0.2
+    assert np.mean([m["spe_non_covid"] for m in fitted]) > 0.85
+    assert np.mean([m["det_sen"] for m in fitted]) > 0.85
+    # the report writes the table, the curves and a detector per fitted rule
+    (tmp_path / "w" / "toy").mkdir(parents=True)
+    from monai_covid.io_utils import atomic_write_csv
+
+    atomic_write_csv(tmp_path / "w" / "toy" / "oof.csv", rows, list(rows[0]))
+    table = cxr_cv.report(["toy"], tmp_path / "w", tmp_path / "docs", "test")
+    assert "mean ± sd" in table and (tmp_path / "docs" / "roc_reliability_v3.png").stat().st_size > 0
+    assert (tmp_path / "w" / "toy" / "detector_logistic_image.json").is_file()
+
+
+def test_run_overrides_fixed_epochs_no_selection() -> None:
+    ov = cxr_cv.run_overrides("unet", 3, "/data")
+    assert ov["datalist_name"] == "cxr_infection_grouped" and ov["fold"] == 3
+    assert ov["val_interval"] == ov["max_epochs"] and ov["early_stop_patience"] > ov["max_epochs"]
+    assert ov["network_def"]["_target_"] == "UNet"
+
+
+def test_real_short_training_resumes_from_checkpoint(shared_data, tmp_path) -> None:
+    """Two X-ray epochs on the grouped folds of the real data, the second in a new (resumed) workflow."""
+    from monai.bundle import ConfigWorkflow
+
+    def workflow(epochs: int, resume: bool):
+        ov = cxr_cv.run_overrides("slim", 0, str(shared_data), resume=resume, every=300,
+                                  extra={"max_epochs": epochs, "image_size": [64, 64], "batch_size": 4})
+        ov.update(bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path), output_dir=str(tmp_path))
+        wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"),
+                            meta_file=str(BUNDLE / "configs" / "metadata.json"), workflow_type="train", **ov)
+        wf.initialize()
+        return wf
+
+    wf = workflow(1, False)
+    train_items = wf.parser.get_parsed_content("train_datalist")
+    val_items = wf.parser.get_parsed_content("val_datalist")
+    assert not {d["group"] for d in train_items} & {d["group"] for d in val_items}
+    assert {d["fold"] for d in val_items} == {0} and 0 not in {d["fold"] for d in train_items}
+    wf.run()
+    first = wf.parser.get_parsed_content("train#trainer").state
+    assert first.epoch == 1 and np.isfinite(float(first.output[0]["loss"]))
+    assert (tmp_path / "model_final.pt").is_file() and list(tmp_path.glob("resume_checkpoint_epoch=1.pt"))
+    wf.finalize()
+
+    wf2 = workflow(2, True)
+    trainer = wf2.parser.get_parsed_content("train#trainer")
+    started = []
+    from ignite.engine import Events
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: started.append(e.state.epoch))
+    wf2.run()
+    assert started == [2] and trainer.state.epoch == 2  # continued after epoch 1, did not start again
+    assert list(tmp_path.glob("resume_checkpoint_epoch=2.pt"))
+    wf2.finalize()
