@@ -117,3 +117,17 @@ def test_confidence_intervals() -> None:
     lo, hi = vm.block_bootstrap_f1(truth, noisy, n_boot=300)
     f1 = binary_metrics(truth, noisy)["F1"]
     assert lo < f1 < hi < 1.0
+
+
+def test_real_volume_share_draws_real_series() -> None:
+    t = _table([("vol1", 30, 1, True), ("normal", 40, 0, True), ("neg2d", 25, 0, False)])
+    t.source[t.group == "vol1"] = "ct_dicom"  # a real HU series
+    t2 = _table([("pseudo", 30, 1, True), ("vol1", 30, 1, True), ("normal", 40, 0, True), ("neg2d", 25, 0, False)])
+    t2.source[t2.group == "vol1"] = "ct_dicom"
+    rng = np.random.default_rng(0)
+    for share, expected in ((1.0, {"vol1"}), (0.0, {"vol1", "pseudo"})):
+        bags = vm.BagBuilder(t2, np.arange(len(t2)), real_volume_share=share)
+        assert bags.real_pos == ["vol1"]
+        drawn = {g for _ in range(60) for g in t2.group[bags.sample(rng, "pos_volume")[0]].tolist()} - {"normal", "neg2d"}
+        assert drawn == expected
+    assert vm.BagBuilder(t, np.arange(len(t))).real_pos == ["vol1"]
