@@ -12,6 +12,10 @@ Issue 19 (v3 of ``bundles/covid_cxr_infection_map_unet``). Three steps, each res
     #    other folds' out-of-fold maps, ROC and reliability PNGs, and WORK/<variant>/detector.json fitted on all folds
     python -m monai_covid.cxr_cv report bundles/covid_cxr_infection_map_unet --variants slim unet --work_dir /tmp/cxr_v3 \\
         --docs_dir bundles/covid_cxr_infection_map_unet/docs/v3
+    # 4. the shipped candidate: the slim network on all 3,060 X-rays for the same fixed epoch count, written as an
+    #    fp16 state dict to WORK/slim/final/model_fp16.pt (copied into the bundle by hand, with detector JSON, once
+    #    the table says it beats the floor)
+    python -m monai_covid.cxr_cv final bundles/covid_cxr_infection_map_unet --variants slim --work_dir /tmp/cxr_v3
 
 Nothing is picked on the fold that is reported: every run trains a fixed number of epochs and its **last** epoch is
 scored (``model_final.pt``; the held-out fold is looked at once, after training); each detector (calibration and
@@ -36,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VARIANTS", "COMMON", "run_overrides", "train", "score", "fold_metrics", "report", "main"]
+__all__ = ["VARIANTS", "COMMON", "run_overrides", "train", "train_final", "score", "fold_metrics", "report", "main"]
 
 #: train.json overrides of every run (grouped folds, the CPU recipe of the shipped model, no per-epoch validation)
 COMMON: dict[str, Any] = {
@@ -47,9 +51,11 @@ COMMON: dict[str, Any] = {
 }
 #: the rows of the v3 table; ``max_epochs`` from the measured CPU seconds per step (bundle docs, "v3 plan")
 VARIANTS: dict[str, dict[str, Any]] = {
-    "slim": {"max_epochs": 12},  # InfectionUNet as shipped (growth 12, 24 stem features, decoder 64..8)
-    "unet": {  # the floor: stock MONAI UNet as its tutorials build it, same CPU time (0.47x the time per step)
-        "max_epochs": 26,
+    # InfectionUNet as shipped (growth 12, 24 stem features, decoder 64..8): 8.9 CPU min an epoch at 256 px
+    "slim": {"max_epochs": 12},
+    # the floor: stock MONAI UNet as its tutorials build it, 3.9 CPU min an epoch: the same CPU time as 12 slim epochs
+    "unet": {
+        "max_epochs": 27,
         "network_def": {
             "_target_": "UNet",
             "spatial_dims": 2,
@@ -96,6 +102,24 @@ def train(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir:
             todo.append(((v, k), work_dir / v / f"fold{k}", ov, work_dir / f"{v}_fold{k}.log"))
     work_dir.mkdir(parents=True, exist_ok=True)
     _run_all(todo, bundle, jobs)
+
+
+def train_final(bundle: Path, variant: str, work_dir: Path, data_dir: str, resume: bool = False,
+                extra: dict[str, Any] | None = None) -> Path:
+    """Train ``variant`` on every X-ray of the training set (no held-out fold; the fixed epoch count of the CV) and
+    write its last epoch as an fp16 state dict ``WORK/<variant>/final/model_fp16.pt``. The end-of-run validation
+    sees only 3 X-rays of the training set (a smoke check that the network runs, no selection)."""
+    from monai_covid.crossval import _run_all
+    from monai_covid.io_utils import save_fp16
+
+    ov = run_overrides(variant, 0, data_dir, resume=resume, extra=extra)
+    ov.update(fold=None, train_datalist="$make_datalist(@datalist_name, @dataset_dir, part='all')",
+              val_datalist="$make_datalist(@datalist_name, @dataset_dir, part='all')[::1020]")
+    run_dir = work_dir / variant / "final"
+    _run_all([((variant, "final"), run_dir, ov, work_dir / f"{variant}_final.log")], bundle, 1)
+    if not (run_dir / "model_final.pt").is_file():
+        raise SystemExit(f"[cxr_cv] {variant} final: not finished ({run_dir}); rerun with --resume")
+    return save_fp16(run_dir / "model_final.pt", run_dir / "model_fp16.pt")
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -268,7 +292,7 @@ def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m monai_covid.cxr_cv", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=("train", "score", "report", "all"))
+    p.add_argument("step", choices=("train", "score", "report", "all", "final"))
     p.add_argument("bundle", type=Path)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -288,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(bundle, a.variants, a.folds, a.work_dir, a.data_dir, a.n_folds, a.jobs, a.resume, a.every, extra)
     if a.step in ("score", "all"):
         score(bundle, a.variants, a.folds, a.work_dir, a.data_dir, a.n_folds, a.every, extra)
+    if a.step == "final":
+        for v in a.variants:
+            print(train_final(bundle, v, a.work_dir, a.data_dir, a.resume, extra))
     if a.step in ("report", "all"):
         print(report(a.variants, a.work_dir, a.docs_dir or a.work_dir / "report",
                      "python -m monai_covid.cxr_cv " + " ".join(argv), a.min_specificity))
