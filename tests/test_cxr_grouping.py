@@ -87,3 +87,19 @@ def test_real_grouped_folds(shared_data: Path) -> None:
     assert len(val1) + len(train1) == 3060
     assert not {d["group"] for d in val1} & {d["group"] for d in train1}
     assert 0.9 < CXR_NCC_THRESHOLD < 1.0
+
+
+def test_threshold_table_counts_pairs_and_groups() -> None:
+    from data_prep.cxr_grouping_report import threshold_table
+
+    # 4 X-rays: two COVID near-duplicates (0.97), one COVID-normal pair at 0.93 (different patients by class)
+    scores = np.eye(4)
+    scores[0, 1] = scores[1, 0] = 0.97
+    scores[1, 2] = scores[2, 1] = 0.93
+    scores[2, 3] = scores[3, 2] = 0.5
+    rows = threshold_table(scores, ["covid", "covid", "normal", "normal"], [0.92, 0.95])
+    low, high = rows
+    assert low["different_pairs"] == 4 and low["different_pairs_at_or_above"] == 1
+    assert low["covid_pairs_at_or_above"] == 1 and low["covid_chance"] == pytest.approx(0.25)
+    assert (low["groups"], low["largest"], low["mixed_class_groups"]) == (2, 3, 1)
+    assert high["different_pairs_at_or_above"] == 0 and (high["groups"], high["largest"]) == (3, 2)
