@@ -94,3 +94,25 @@ def test_real_short_training_resumes_from_checkpoint(shared_data, tmp_path) -> N
     assert started == [2] and trainer.state.epoch == 2  # continued after epoch 1, did not start again
     assert list(tmp_path.glob("resume_checkpoint_epoch=2.pt"))
     wf2.finalize()
+
+
+def test_final_run_trains_on_every_xray_and_writes_fp16(tmp_path, monkeypatch) -> None:
+    import torch
+
+    from monai_covid import crossval
+
+    seen = []
+
+    def fake_run_all(jobs, bundle, max_jobs):  # stands in for the 2-hour training subprocess
+        for key, run_dir, ov, log in jobs:
+            seen.append((key, ov))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"w": torch.ones(2, dtype=torch.float32), "n": torch.tensor(3)}, run_dir / "model_final.pt")
+
+    monkeypatch.setattr(crossval, "_run_all", fake_run_all)
+    out = cxr_cv.train_final(BUNDLE, "slim", tmp_path, "/data")
+    (key, ov), = seen
+    assert key == ("slim", "final") and ov["fold"] is None and "part='all'" in ov["train_datalist"]
+    assert ov["max_epochs"] == cxr_cv.VARIANTS["slim"]["max_epochs"]
+    sd = torch.load(out, weights_only=True)
+    assert sd["w"].dtype == torch.float16 and sd["n"].dtype == torch.int64
