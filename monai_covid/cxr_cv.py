@@ -34,6 +34,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -152,12 +153,15 @@ def score(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir:
             net = load_run(bundle, run_dir, ov, "final")
             items = make_datalist(ov["datalist_name"], data_dir, fold=k, n_folds=n_folds, part="val")[:: max(every, 1)]
             for d in items:
-                pr = predict_cxr(net, read_xray(d["image"]), image_size=tuple(ov["image_size"]))["prob"]
+                image = read_xray(d["image"])
+                t0 = time.perf_counter()  # forward + sigmoid + resize back, one thread, file reading excluded
+                pr = predict_cxr(net, image, image_size=tuple(ov["image_size"]))["prob"]
+                ms = 1000 * (time.perf_counter() - t0)
                 gt, lung = read_mask(d["label"]) > 0.5, read_mask(d["lung"])
                 hot = pr >= 0.5
                 row = {"variant": v, "fold": k, "image": Path(d["image"]).name, "class_name": d["class_name"],
                        "covid": d["covid"], "group": d["group"], "tp": int((hot & gt).sum()), "fp": int((hot & ~gt).sum()),
-                       "fn": int((~hot & gt).sum()), "tn": int((~hot & ~gt).sum())}
+                       "fn": int((~hot & gt).sum()), "tn": int((~hot & ~gt).sum()), "ms": f"{ms:.1f}"}
                 row.update({f"img_{n}": f"{x:.6g}" for n, x in map_features(pr).items()})
                 row.update({f"lung_{n}": f"{x:.6g}" for n, x in map_features(pr, lung).items()})
                 rows.append(row)
@@ -212,7 +216,9 @@ def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) 
             hit = p >= det.threshold
             tpd, fpd = int((hit & (y == 1)).sum()), int((hit & (y == 0)).sum())
             fnd = int((~hit & (y == 1)).sum())
+            ms = [float(r["ms"]) for r in test if r.get("ms") not in (None, "")]
             m = {"fold": k, "detector": name, "n": len(test), "threshold": det.threshold, **pix,
+                 "ms_per_image": float(np.mean(ms)) if ms else float("nan"),
                  "det_sen": tpd / max((y == 1).sum(), 1), "det_spe": 1 - fpd / max((y == 0).sum(), 1),
                  "det_f1": 2 * tpd / max(2 * tpd + fpd + fnd, 1),
                  "det_auc": roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan")}
@@ -224,7 +230,7 @@ def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) 
 
 
 _COLS = ("pixel_sen", "pixel_pre", "pixel_f1", "pixel_f2", "det_sen", "det_spe", "spe_non_covid", "spe_normal",
-         "det_f1", "det_auc")
+         "det_f1", "det_auc", "ms_per_image")
 
 
 def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str, min_specificity: float = 0.98) -> str:
