@@ -30,8 +30,12 @@ def _network(variant: str) -> torch.nn.Module:
     cfg = {
         "network_def": VARIANTS[variant].get(
             "network_def",
-            {"_target_": "monai_covid.networks.infection_unet.InfectionUNet", "growth_rate": 12, "init_features": 24,
-             "decoder_channels": [64, 48, 32, 16, 8]},
+            {
+                "_target_": "monai_covid.networks.infection_unet.InfectionUNet",
+                "growth_rate": 12,
+                "init_features": 24,
+                "decoder_channels": [64, 48, 32, 16, 8],
+            },
         )
     }
     return ConfigParser(cfg).get_parsed_content("network_def")
@@ -81,10 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
             m["cpu_min_per_epoch"] = steps * m["cpu_s_per_step"] / 60
             m["epochs_in_budget"] = a.budget_h * 3600 / (steps * m["cpu_s_per_step"])
             out[f"{v}_{size}"] = m
-            print(f"{v:5s} {size:4d} px: {m['cpu_s_per_step']:.2f} CPU s/step ({m['wall_s_per_step']:.2f} wall), "
-                  f"{m['cpu_min_per_epoch']:.1f} CPU min/epoch of {TRAIN_PER_FOLD} X-rays, "
-                  f"{m['epochs_in_budget']:.1f} epochs in {a.budget_h:g} h, "
-                  f"{1000 * m['cpu_s_per_xray_inference']:.0f} CPU ms/X-ray inference", flush=True)
+            print(
+                f"{v:5s} {size:4d} px: {m['cpu_s_per_step']:.2f} CPU s/step ({m['wall_s_per_step']:.2f} wall), "
+                f"{m['cpu_min_per_epoch']:.1f} CPU min/epoch of {TRAIN_PER_FOLD} X-rays, "
+                f"{m['epochs_in_budget']:.1f} epochs in {a.budget_h:g} h, "
+                f"{1000 * m['cpu_s_per_xray_inference']:.0f} CPU ms/X-ray inference",
+                flush=True,
+            )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -39,15 +39,22 @@ def threshold_table(
     rows = []
     for t in thresholds:
         rate = float((s[different] >= t).sum()) / n_diff
-        row: dict[str, Any] = {"threshold": t, "different_pairs": int(different.sum()),
-                               "different_pairs_at_or_above": int((s[different] >= t).sum())}
+        row: dict[str, Any] = {
+            "threshold": t,
+            "different_pairs": int(different.sum()),
+            "different_pairs_at_or_above": int((s[different] >= t).sum()),
+        }
         for c in sorted(set(cls.tolist())):
             within = (a == c) & (b == c)
             row[f"{c}_pairs_at_or_above"] = int((s[within] >= t).sum())
             row[f"{c}_chance"] = rate * int(within.sum())
         d = nd.describe_groups(nd.group_near_duplicates(scores, t), list(cls))
-        row.update(groups=d["groups"], largest=d["largest"], singletons=d["singletons"],
-                   mixed_class_groups=d["mixed_class_groups"])
+        row.update(
+            groups=d["groups"],
+            largest=d["largest"],
+            singletons=d["singletons"],
+            mixed_class_groups=d["mixed_class_groups"],
+        )
         rows.append(row)
     return rows
 
@@ -60,18 +67,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("data_dir", type=Path)
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.90, 0.92, 0.93, 0.94, 0.95, 0.97])
     a = p.parse_args(argv)
-    items = sorted(cxr_infection_datalist(a.data_dir),
-                   key=lambda d: (d["class_name"], _natural_key(os.path.basename(d["image"]))))
+    items = sorted(
+        cxr_infection_datalist(a.data_dir), key=lambda d: (d["class_name"], _natural_key(os.path.basename(d["image"])))
+    )
     scores = nd.ncc_matrix(nd.thumbnails([d["image"] for d in items]))
     rows = threshold_table(scores, [d["class_name"] for d in items], a.thresholds)
     classes = sorted({d["class_name"] for d in items})
-    print("| NCC >= | different-patient pairs >= | " + " | ".join(f"{c} pairs (chance)" for c in classes)
-          + " | groups | largest | mixed-class groups |")
+    print(
+        "| NCC >= | different-patient pairs >= | "
+        + " | ".join(f"{c} pairs (chance)" for c in classes)
+        + " | groups | largest | mixed-class groups |"
+    )
     print("|---|---|" + "---|" * len(classes) + "---|---|---|")
     for r in rows:
-        print(f"| {r['threshold']:.2f} | {r['different_pairs_at_or_above']} of {r['different_pairs']} | "
-              + " | ".join(f"{r[c + '_pairs_at_or_above']} ({r[c + '_chance']:.1f})" for c in classes)
-              + f" | {r['groups']} | {r['largest']} | {r['mixed_class_groups']} |")
+        print(
+            f"| {r['threshold']:.2f} | {r['different_pairs_at_or_above']} of {r['different_pairs']} | "
+            + " | ".join(f"{r[c + '_pairs_at_or_above']} ({r[c + '_chance']:.1f})" for c in classes)
+            + f" | {r['groups']} | {r['largest']} | {r['mixed_class_groups']} |"
+        )
     return 0
 
 

@@ -9,9 +9,10 @@ Issue 19 (v3 of ``bundles/covid_cxr_infection_map_unet``). Three steps, each res
     # 2. score each fold's last-epoch model on its held-out fold: pixel counts and detector features per X-ray
     python -m monai_covid.cxr_cv score bundles/covid_cxr_infection_map_unet --variants slim unet --work_dir /tmp/cxr_v3
     # 3. per-fold table (pixel SEN/PRE/F1/F2, detection SEN/SPE per class/F1/AUC) with the detectors fitted on the
-    #    other folds' out-of-fold maps, ROC and reliability PNGs, and WORK/<variant>/detector.json fitted on all folds
-    python -m monai_covid.cxr_cv report bundles/covid_cxr_infection_map_unet --variants slim unet --work_dir /tmp/cxr_v3 \\
-        --docs_dir bundles/covid_cxr_infection_map_unet/docs/v3
+    #    other folds' out-of-fold maps, ROC and reliability PNGs, and WORK/<variant>/detector_<rule>.json fitted on
+    #    all folds
+    python -m monai_covid.cxr_cv report bundles/covid_cxr_infection_map_unet --variants slim unet \\
+        --work_dir /tmp/cxr_v3 --docs_dir bundles/covid_cxr_infection_map_unet/docs/v3
     # 4. the shipped candidate: the slim network on all 3,060 X-rays for the same fixed epoch count, written as an
     #    fp16 state dict to WORK/slim/final/model_fp16.pt (copied into the bundle by hand, with detector JSON, once
     #    the table says it beats the floor)
@@ -68,7 +69,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         },
     },
 }
-LABELS = {"slim": "DenseNet-121 slim U-Net (InfectionUNet, 1.62 M)", "unet": "stock MONAI UNet 16-256, 2 res units (floor)"}
+LABELS = {
+    "slim": "DenseNet-121 slim U-Net (InfectionUNet, 1.62 M)",
+    "unet": "stock MONAI UNet 16-256, 2 res units (floor)",
+}
 DETECTORS = ("paper", "logistic_image", "logistic_lung")
 
 
@@ -76,23 +80,48 @@ def _subsample_expr(part: str, every: int) -> str:
     return f"$make_datalist(@datalist_name, @dataset_dir, fold=@fold, n_folds=@n_folds, part='{part}')[::{every}]"
 
 
-def run_overrides(variant: str, fold: int, data_dir: str, n_folds: int = 5, resume: bool = False,
-                  every: int = 1, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_overrides(
+    variant: str,
+    fold: int,
+    data_dir: str,
+    n_folds: int = 5,
+    resume: bool = False,
+    every: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``train.json`` overrides of one CV run: ``COMMON``, the variant, the fold; the held-out fold is validated once,
     after the last epoch (``val_interval`` = ``max_epochs``), and early stopping is off. ``every`` > 1 keeps every
     ``every``-th X-ray (smoke runs)."""
     ov: dict[str, Any] = {**COMMON, **VARIANTS[variant], **(extra or {})}
     epochs = int(ov["max_epochs"])
-    ov.update({"dataset_dir": data_dir, "fold": fold, "n_folds": n_folds, "resume": resume,
-               "val_interval": epochs, "early_stop_patience": epochs + 1})
+    ov.update(
+        {
+            "dataset_dir": data_dir,
+            "fold": fold,
+            "n_folds": n_folds,
+            "resume": resume,
+            "val_interval": epochs,
+            "early_stop_patience": epochs + 1,
+        }
+    )
     if every > 1:
         ov["train_datalist"] = _subsample_expr("train", every)
         ov["val_datalist"] = _subsample_expr("val", every)
     return ov
 
 
-def train(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir: Path, data_dir: str, n_folds: int = 5,
-          jobs: int = 2, resume: bool = False, every: int = 1, extra: dict[str, Any] | None = None) -> None:
+def train(
+    bundle: Path,
+    variants: Sequence[str],
+    folds: Sequence[int],
+    work_dir: Path,
+    data_dir: str,
+    n_folds: int = 5,
+    jobs: int = 2,
+    resume: bool = False,
+    every: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Train (or resume, or skip when finished) every (variant, fold) run, ``jobs`` at once, one thread each."""
     from monai_covid.crossval import _run_all
 
@@ -105,8 +134,9 @@ def train(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir:
     _run_all(todo, bundle, jobs)
 
 
-def train_final(bundle: Path, variant: str, work_dir: Path, data_dir: str, resume: bool = False,
-                extra: dict[str, Any] | None = None) -> Path:
+def train_final(
+    bundle: Path, variant: str, work_dir: Path, data_dir: str, resume: bool = False, extra: dict[str, Any] | None = None
+) -> Path:
     """Train ``variant`` on every X-ray of the training set (no held-out fold; the fixed epoch count of the CV) and
     write its last epoch as an fp16 state dict ``WORK/<variant>/final/model_fp16.pt``. The end-of-run validation
     sees only 3 X-rays of the training set (a smoke check that the network runs, no selection)."""
@@ -114,8 +144,11 @@ def train_final(bundle: Path, variant: str, work_dir: Path, data_dir: str, resum
     from monai_covid.io_utils import save_fp16
 
     ov = run_overrides(variant, 0, data_dir, resume=resume, extra=extra)
-    ov.update(fold=None, train_datalist="$make_datalist(@datalist_name, @dataset_dir, part='all')",
-              val_datalist="$make_datalist(@datalist_name, @dataset_dir, part='all')[::1020]")
+    ov.update(
+        fold=None,
+        train_datalist="$make_datalist(@datalist_name, @dataset_dir, part='all')",
+        val_datalist="$make_datalist(@datalist_name, @dataset_dir, part='all')[::1020]",
+    )
     run_dir = work_dir / variant / "final"
     _run_all([((variant, "final"), run_dir, ov, work_dir / f"{variant}_final.log")], bundle, 1)
     if not (run_dir / "model_final.pt").is_file():
@@ -127,8 +160,16 @@ def train_final(bundle: Path, variant: str, work_dir: Path, data_dir: str, resum
 _FEATURE_COLS = ("max_prob", "area", "mean_prob", "q99_prob", "bilateral")
 
 
-def score(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir: Path, data_dir: str, n_folds: int = 5,
-          every: int = 1, extra: dict[str, Any] | None = None) -> list[Path]:
+def score(
+    bundle: Path,
+    variants: Sequence[str],
+    folds: Sequence[int],
+    work_dir: Path,
+    data_dir: str,
+    n_folds: int = 5,
+    every: int = 1,
+    extra: dict[str, Any] | None = None,
+) -> list[Path]:
     """``WORK/<variant>/oof.csv``: per held-out X-ray the pixel counts at p >= 0.5 (against the infection mask, at
     the mask's size, through :func:`monai_covid.infection_map.predict_cxr` as in inference) and the detector features
     of the map over the whole image (``img_*``) and inside the data set's lung mask (``lung_*``)."""
@@ -159,9 +200,19 @@ def score(bundle: Path, variants: Sequence[str], folds: Sequence[int], work_dir:
                 ms = 1000 * (time.perf_counter() - t0)
                 gt, lung = read_mask(d["label"]) > 0.5, read_mask(d["lung"])
                 hot = pr >= 0.5
-                row = {"variant": v, "fold": k, "image": Path(d["image"]).name, "class_name": d["class_name"],
-                       "covid": d["covid"], "group": d["group"], "tp": int((hot & gt).sum()), "fp": int((hot & ~gt).sum()),
-                       "fn": int((~hot & gt).sum()), "tn": int((~hot & ~gt).sum()), "ms": f"{ms:.1f}"}
+                row = {
+                    "variant": v,
+                    "fold": k,
+                    "image": Path(d["image"]).name,
+                    "class_name": d["class_name"],
+                    "covid": d["covid"],
+                    "group": d["group"],
+                    "tp": int((hot & gt).sum()),
+                    "fp": int((hot & ~gt).sum()),
+                    "fn": int((~hot & gt).sum()),
+                    "tn": int((~hot & ~gt).sum()),
+                    "ms": f"{ms:.1f}",
+                }
                 row.update({f"img_{n}": f"{x:.6g}" for n, x in map_features(pr).items()})
                 row.update({f"lung_{n}": f"{x:.6g}" for n, x in map_features(pr, lung).items()})
                 rows.append(row)
@@ -182,8 +233,13 @@ def _detector(name: str, rows: Sequence[dict[str, Any]], min_specificity: float)
     if name == "paper":
         return CxrDetector.paper()
     prefix = "lung" if name == "logistic_lung" else "img"
-    return CxrDetector.fit(_features(rows, prefix), [int(r["covid"]) for r in rows], [r["class_name"] for r in rows],
-                           min_specificity=min_specificity, use_lung=prefix == "lung")
+    return CxrDetector.fit(
+        _features(rows, prefix),
+        [int(r["covid"]) for r in rows],
+        [r["class_name"] for r in rows],
+        min_specificity=min_specificity,
+        use_lung=prefix == "lung",
+    )
 
 
 def _probabilities(det, name: str, rows: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -204,8 +260,12 @@ def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) 
         pos = [r for r in test if int(r["covid"])]
         tp, fp, fn = (sum(int(r[c]) for r in pos) for c in ("tp", "fp", "fn"))
         sen, pre = tp / max(tp + fn, 1), tp / max(tp + fp, 1)
-        pix = {"pixel_sen": sen, "pixel_pre": pre, "pixel_f1": 2 * tp / max(2 * tp + fp + fn, 1),
-               "pixel_f2": 5 * pre * sen / max(4 * pre + sen, 1e-12)}
+        pix = {
+            "pixel_sen": sen,
+            "pixel_pre": pre,
+            "pixel_f1": 2 * tp / max(2 * tp + fp + fn, 1),
+            "pixel_f2": 5 * pre * sen / max(4 * pre + sen, 1e-12),
+        }
         y = np.array([int(r["covid"]) for r in test])
         cls = np.array([r["class_name"] for r in test])
         for name in DETECTORS:
@@ -217,11 +277,18 @@ def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) 
             tpd, fpd = int((hit & (y == 1)).sum()), int((hit & (y == 0)).sum())
             fnd = int((~hit & (y == 1)).sum())
             ms = [float(r["ms"]) for r in test if r.get("ms") not in (None, "")]
-            m = {"fold": k, "detector": name, "n": len(test), "threshold": det.threshold, **pix,
-                 "ms_per_image": float(np.mean(ms)) if ms else float("nan"),
-                 "det_sen": tpd / max((y == 1).sum(), 1), "det_spe": 1 - fpd / max((y == 0).sum(), 1),
-                 "det_f1": 2 * tpd / max(2 * tpd + fpd + fnd, 1),
-                 "det_auc": roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan")}
+            m = {
+                "fold": k,
+                "detector": name,
+                "n": len(test),
+                "threshold": det.threshold,
+                **pix,
+                "ms_per_image": float(np.mean(ms)) if ms else float("nan"),
+                "det_sen": tpd / max((y == 1).sum(), 1),
+                "det_spe": 1 - fpd / max((y == 0).sum(), 1),
+                "det_f1": 2 * tpd / max(2 * tpd + fpd + fnd, 1),
+                "det_auc": roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan"),
+            }
             for c in ("non_covid", "normal"):
                 neg = cls == c
                 m[f"spe_{c}"] = float(1 - hit[neg].mean()) if neg.any() else float("nan")
@@ -229,8 +296,19 @@ def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) 
     return out
 
 
-_COLS = ("pixel_sen", "pixel_pre", "pixel_f1", "pixel_f2", "det_sen", "det_spe", "spe_non_covid", "spe_normal",
-         "det_f1", "det_auc", "ms_per_image")
+_COLS = (
+    "pixel_sen",
+    "pixel_pre",
+    "pixel_f1",
+    "pixel_f2",
+    "det_sen",
+    "det_spe",
+    "spe_non_covid",
+    "spe_normal",
+    "det_f1",
+    "det_auc",
+    "ms_per_image",
+)
 
 
 def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str, min_specificity: float = 0.98) -> str:
@@ -258,11 +336,17 @@ def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str
         for name in DETECTORS:
             fr = [m for m in per_fold if m["detector"] == name]
             for m in fr:
-                lines.append(f"| {LABELS.get(v, v)} | {name} | {m['fold']} | {m['n']} | "
-                             + " | ".join(f"{m[c]:.3f}" for c in _COLS) + " |")
+                lines.append(
+                    f"| {LABELS.get(v, v)} | {name} | {m['fold']} | {m['n']} | "
+                    + " | ".join(f"{m[c]:.3f}" for c in _COLS)
+                    + " |"
+                )
             if fr:
-                lines.append(f"| {LABELS.get(v, v)} | {name} | mean ± sd (95 % CI) | {sum(m['n'] for m in fr)} | "
-                             + " | ".join(f"{_mean_sd([m[c] for m in fr])} ({_ci95([m[c] for m in fr])})" for c in _COLS) + " |")
+                lines.append(
+                    f"| {LABELS.get(v, v)} | {name} | mean ± sd (95 % CI) | {sum(m['n'] for m in fr)} | "
+                    + " | ".join(f"{_mean_sd([m[c] for m in fr])} ({_ci95([m[c] for m in fr])})" for c in _COLS)
+                    + " |"
+                )
             if name != "paper" and len({int(r["covid"]) for r in rows}) == 2:
                 det = _detector(name, rows, min_specificity)
                 det.save(work_dir / v / f"detector_{name}.json")
@@ -280,7 +364,9 @@ def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str
                 axes[0].plot(fpr, tpr, label=f"{v} / {name}")
                 bins = reliability_bins(y, p)
                 axes[1].plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-", label=f"{v} / {name}")
-    for ax, (xl, yl) in zip(axes, (("1 - specificity", "sensitivity"), ("predicted COVID probability", "observed COVID fraction"))):
+    for ax, (xl, yl) in zip(
+        axes, (("1 - specificity", "sensitivity"), ("predicted COVID probability", "observed COVID fraction"))
+    ):
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7)
@@ -309,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last epoch checkpoint")
     p.add_argument("--every", type=int, default=1, help="keep every N-th X-ray (smoke runs only)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides (e.g. max_epochs=1)")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides (e.g. max_epochs=1)"
+    )
     p.add_argument("--min_specificity", type=float, default=0.98, help="per negative class, on training folds")
     a = p.parse_args(argv)
     bundle = a.bundle.resolve()
@@ -322,8 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v in a.variants:
             print(train_final(bundle, v, a.work_dir, a.data_dir, a.resume, extra))
     if a.step in ("report", "all"):
-        print(report(a.variants, a.work_dir, a.docs_dir or a.work_dir / "report",
-                     "python -m monai_covid.cxr_cv " + " ".join(argv), a.min_specificity))
+        print(
+            report(
+                a.variants,
+                a.work_dir,
+                a.docs_dir or a.work_dir / "report",
+                "python -m monai_covid.cxr_cv " + " ".join(argv),
+                a.min_specificity,
+            )
+        )
     return 0
 
 

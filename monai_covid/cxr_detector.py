@@ -140,7 +140,9 @@ def choose_threshold(
     """
     p = np.asarray(probs, dtype=np.float64)
     y = np.asarray(labels).astype(int)
-    cls = np.asarray(["negative" if c is None else str(c) for c in classes] if classes is not None else ["negative"] * len(p))
+    cls = np.asarray(
+        ["negative" if c is None else str(c) for c in classes] if classes is not None else ["negative"] * len(p)
+    )
     negatives = [p[(y == 0) & (cls == c)] for c in sorted(set(cls[y == 0]))]
     if not negatives:
         raise ValueError("choose_threshold needs negative examples")
@@ -228,7 +230,9 @@ class CxrDetector:
             raise ValueError("this detector is not fitted (no weights); fit it or use CxrDetector.paper()")
         return _sigmoid(self._design(rows) @ np.asarray(self.weights) + self.bias)
 
-    def __call__(self, prob: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor | None = None) -> dict[str, Any]:
+    def __call__(
+        self, prob: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """``covid_probability``, ``covid_detected`` (and the features) of one probability map."""
         if self.use_lung and lung is None:
             raise ValueError("this detector was fitted on lung-restricted features: pass a lung mask")

@@ -298,7 +298,9 @@ class InfectionMapWriter:
     ) -> None:
         from monai_covid.cxr_detector import CxrDetector
 
-        self.detector = detector if isinstance(detector, CxrDetector) or detector is None else CxrDetector.load(detector)
+        if detector is not None and not isinstance(detector, CxrDetector):
+            detector = CxrDetector.load(detector)
+        self.detector = detector
         if self.detector is not None and self.detector.use_lung:
             raise ValueError("the infection-map bundle predicts no lung mask: use a detector fitted without one")
         self.output_dir = Path(output_dir)

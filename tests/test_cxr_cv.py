@@ -21,8 +21,17 @@ def _oof_rows(n_folds: int = 3) -> list[dict]:
     for k in range(n_folds):
         feats, y, kinds = _synthetic_set(10 + k, n=20)
         for i, (f, c, kind) in enumerate(zip(feats, y, kinds)):
-            r = {"fold": k, "covid": c, "class_name": kind, "image": f"{kind}_{k}_{i}.png", "group": f"g{k}_{i}",
-                 "tp": 80 if c else 0, "fp": 20, "fn": 20 if c else 0, "tn": 1000}
+            r = {
+                "fold": k,
+                "covid": c,
+                "class_name": kind,
+                "image": f"{kind}_{k}_{i}.png",
+                "group": f"g{k}_{i}",
+                "tp": 80 if c else 0,
+                "fp": 20,
+                "fn": 20 if c else 0,
+                "tn": 1000,
+            }
             r.update({f"img_{n}": v for n, v in f.items()})
             r.update({f"lung_{n}": v for n, v in f.items()})
             rows.append(r)
@@ -65,11 +74,21 @@ def test_real_short_training_resumes_from_checkpoint(shared_data, tmp_path) -> N
     from monai.bundle import ConfigWorkflow
 
     def workflow(epochs: int, resume: bool):
-        ov = cxr_cv.run_overrides("slim", 0, str(shared_data), resume=resume, every=300,
-                                  extra={"max_epochs": epochs, "image_size": [64, 64], "batch_size": 4})
+        ov = cxr_cv.run_overrides(
+            "slim",
+            0,
+            str(shared_data),
+            resume=resume,
+            every=300,
+            extra={"max_epochs": epochs, "image_size": [64, 64], "batch_size": 4},
+        )
         ov.update(bundle_root=str(BUNDLE), ckpt_dir=str(tmp_path), output_dir=str(tmp_path))
-        wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"),
-                            meta_file=str(BUNDLE / "configs" / "metadata.json"), workflow_type="train", **ov)
+        wf = ConfigWorkflow(
+            config_file=str(BUNDLE / "configs" / "train.json"),
+            meta_file=str(BUNDLE / "configs" / "metadata.json"),
+            workflow_type="train",
+            **ov,
+        )
         wf.initialize()
         return wf
 
@@ -111,7 +130,7 @@ def test_final_run_trains_on_every_xray_and_writes_fp16(tmp_path, monkeypatch) -
 
     monkeypatch.setattr(crossval, "_run_all", fake_run_all)
     out = cxr_cv.train_final(BUNDLE, "slim", tmp_path, "/data")
-    (key, ov), = seen
+    ((key, ov),) = seen
     assert key == ("slim", "final") and ov["fold"] is None and "part='all'" in ov["train_datalist"]
     assert ov["max_epochs"] == cxr_cv.VARIANTS["slim"]["max_epochs"]
     sd = torch.load(out, weights_only=True)

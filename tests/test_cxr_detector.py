@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 
@@ -21,7 +19,12 @@ def _map(rng: np.random.Generator, kind: str, size: int = 64) -> np.ndarray:
 
     if kind == "covid":
         for cx in (size * 0.28, size * 0.72):
-            blob(cx + rng.uniform(-3, 3), size * rng.uniform(0.55, 0.75), size * rng.uniform(0.1, 0.16), rng.uniform(0.85, 1.0))
+            blob(
+                cx + rng.uniform(-3, 3),
+                size * rng.uniform(0.55, 0.75),
+                size * rng.uniform(0.1, 0.16),
+                rng.uniform(0.85, 1.0),
+            )
     elif kind == "non_covid":
         side = size * (0.28 if rng.uniform() < 0.5 else 0.72)
         blob(side, size * rng.uniform(0.4, 0.7), size * rng.uniform(0.12, 0.2), rng.uniform(0.6, 0.95))
@@ -110,7 +113,7 @@ def test_choose_threshold_meets_specificity_per_class() -> None:
     labels = [1, 1, 1] + [0] * 50 + [0] * 51
     classes = ["covid"] * 3 + ["non_covid"] * 50 + ["normal"] * 51
     t = choose_threshold(probs, labels, classes, min_specificity=0.98)
-    p, y, c = np.array(probs), np.array(labels), np.array(classes)
+    p, c = np.array(probs), np.array(classes)
     for k in ("non_covid", "normal"):
         assert (p[(c == k)] < t).mean() >= 0.98
     # the lowest such cut-off: one false alarm allowed per class (0.75, 0.6); normal's next score 0.2 must be below

@@ -48,8 +48,10 @@ def test_synthetic_near_duplicate_pair_shares_group_and_fold(tmp_path: Path) -> 
     covid = [_xray(rng) for _ in range(8)]
     # a contrast-changed, noisy copy of covid_0 (the same X-ray exported twice)
     dup = np.clip(covid[0].astype(float) * 0.85 + 20 + rng.normal(0, 3, covid[0].shape), 0, 255).astype(np.uint8)
-    _write_set(tmp_path, {"covid": covid + [dup], "non_covid": [_xray(rng) for _ in range(5)],
-                          "normal": [_xray(rng) for _ in range(5)]})
+    _write_set(
+        tmp_path,
+        {"covid": covid + [dup], "non_covid": [_xray(rng) for _ in range(5)], "normal": [_xray(rng) for _ in range(5)]},
+    )
     items = cxr_infection_grouped_datalist(tmp_path, n_folds=5)
     by_name = {Path(d["image"]).name: d for d in items}
     assert len(items) == 19
