@@ -21,7 +21,7 @@ from data_prep.datalists import (
 
 @pytest.mark.parametrize(
     "builder, n, label_key",
-    [(ct_lesion_datalist, 50, "label"), (cxr_infection_datalist, 700, "label"), (ct_slices_cls_datalist, 300, "label")],
+    [(ct_lesion_datalist, 50, "label"), (cxr_infection_datalist, 3060, "label"), (ct_slices_cls_datalist, 300, "label")],
 )
 def test_folds_disjoint_and_deterministic(shared_data, builder, n, label_key):
     a, b = builder(shared_data), builder(shared_data)
@@ -41,7 +41,7 @@ def test_class_stratification(shared_data):
         val = [d["label"] for d in items if d["fold"] == fold]
         assert sum(val) == len(val) // 2
     cxr = cxr_infection_datalist(shared_data)
-    assert sum(d["covid"] for d in cxr if d["fold"] == 0) == 80
+    assert sum(d["covid"] for d in cxr if d["fold"] == 0) == 366  # 1,828 COVID X-rays (data version 2) over 5 folds
 
 
 def test_lesion_folds_are_contiguous_blocks(shared_data):
@@ -72,10 +72,10 @@ def test_written_datalist_loads_in_monai(shared_data, tmp_path):
 def test_oversample_repeats_by_class(shared_data):
     train = make_datalist("cxr_infection", shared_data, fold=0, part="train")
     counts = {c: sum(d["class_name"] == c for d in train) for c in ("covid", "non_covid", "normal")}
-    assert counts == {"covid": 320, "non_covid": 120, "normal": 120}
+    assert counts == {"covid": 1462, "non_covid": 745, "normal": 240}  # data version 2, 4 of 5 folds
     out = oversample(train, "class_name", {"non_covid": 3, "normal": 0})
-    assert len(out) == 320 + 3 * 120
-    assert sum(d["class_name"] == "non_covid" for d in out) == 360 and all(d["class_name"] != "normal" for d in out)
+    assert len(out) == 1462 + 3 * 745
+    assert sum(d["class_name"] == "non_covid" for d in out) == 3 * 745 and all(d["class_name"] != "normal" for d in out)
     assert {d["image"] for d in out if d["class_name"] == "non_covid"} == {
         d["image"] for d in train if d["class_name"] == "non_covid"
     }
