@@ -172,7 +172,8 @@ def score(
 ) -> list[Path]:
     """``WORK/<variant>/oof.csv``: per held-out X-ray the pixel counts at p >= 0.5 (against the infection mask, at
     the mask's size, through :func:`monai_covid.infection_map.predict_cxr` as in inference) and the detector features
-    of the map over the whole image (``img_*``) and inside the data set's lung mask (``lung_*``)."""
+    of the map over the whole image (``img_*``) and inside the data set's lung mask (``lung_*``); ``*_lung`` pixel
+    counts are those of the map cut to the lung mask (an upper bound for a predicted lung mask)."""
     import torch
 
     from data_prep.datalists import make_datalist
@@ -211,6 +212,10 @@ def score(
                     "fp": int((hot & ~gt).sum()),
                     "fn": int((~hot & gt).sum()),
                     "tn": int((~hot & ~gt).sum()),
+                    # the map restricted to the data set's lung mask: does cutting it to the lungs help?
+                    "tp_lung": int((hot & gt & (lung > 0.5)).sum()),
+                    "fp_lung": int((hot & ~gt & (lung > 0.5)).sum()),
+                    "fn_lung": int(((~hot | (lung <= 0.5)) & gt).sum()),
                     "ms": f"{ms:.1f}",
                 }
                 row.update({f"img_{n}": f"{x:.6g}" for n, x in map_features(pr).items()})
@@ -266,6 +271,11 @@ def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) 
             "pixel_f1": 2 * tp / max(2 * tp + fp + fn, 1),
             "pixel_f2": 5 * pre * sen / max(4 * pre + sen, 1e-12),
         }
+        if pos and "tp_lung" in pos[0]:
+            tl, fl, nl = (sum(int(r[c]) for r in pos) for c in ("tp_lung", "fp_lung", "fn_lung"))
+            pix["pixel_f1_in_lung"] = 2 * tl / max(2 * tl + fl + nl, 1)
+        else:
+            pix["pixel_f1_in_lung"] = float("nan")
         y = np.array([int(r["covid"]) for r in test])
         cls = np.array([r["class_name"] for r in test])
         for name in DETECTORS:
@@ -308,6 +318,7 @@ _COLS = (
     "det_f1",
     "det_auc",
     "ms_per_image",
+    "pixel_f1_in_lung",
 )
 
 

@@ -31,6 +31,9 @@ def _oof_rows(n_folds: int = 3) -> list[dict]:
                 "fp": 20,
                 "fn": 20 if c else 0,
                 "tn": 1000,
+                "tp_lung": 80 if c else 0,  # cut to the lung: 15 of the 20 false-positive pixels were outside it
+                "fp_lung": 5,
+                "fn_lung": 20 if c else 0,
             }
             r.update({f"img_{n}": v for n, v in f.items()})
             r.update({f"lung_{n}": v for n, v in f.items()})
@@ -45,6 +48,7 @@ def test_fold_metrics_nested_detectors_on_synthetic_oof(tmp_path) -> None:
     for m in per:
         assert m["pixel_sen"] == pytest.approx(0.8) and m["pixel_pre"] == pytest.approx(0.8)
         assert m["pixel_f1"] == pytest.approx(0.8) and m["pixel_f2"] == pytest.approx(0.8)
+        assert m["pixel_f1_in_lung"] == pytest.approx(160 / 185)
         assert m["n"] == 60
     paper = [m for m in per if m["detector"] == "paper"]
     fitted = [m for m in per if m["detector"] == "logistic_image"]
