@@ -161,7 +161,8 @@ def _add_infer(sub) -> None:
     p.add_argument("output", help="output folder (created; must not lie inside INPUT)")
     p.add_argument("--models", nargs="+", default=None,
                    help="models to run: asegnet (default lesion model), cosup (alternative lesion model), "
-                   "resnextplus (CT volume COVID detector), cxr (X-ray infection map); default: all that are installed")
+                   "resnextplus (CT volume COVID detector), cxr (X-ray infection map), ctnet (CT slice COVID classifier "
+                   "with Grad-CAM, 2D images with --modality ct); default: all that are installed")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--overwrite", action="store_true", help="recompute cases that already have a complete result")
     p.add_argument("--modality", choices=("ct", "cxr"), default=None,
