@@ -64,8 +64,10 @@ def main() -> None:
     names = " + ".join(f"{m.parent.name}/{m.name}" for m in a.member)
     for t, v in scores.items():
         v = np.asarray(v)
-        print(f"{names} | threshold {t:.2f} | Dice {v[:, 0].mean():.3f} | specificity {v[:, 1].mean():.3f} | "
-              f"sensitivity {v[:, 2].mean():.3f} | folds {' '.join(f'{x:.3f}' for x in v[:, 0])}")
+        print(
+            f"{names} | threshold {t:.2f} | Dice {v[:, 0].mean():.3f} | specificity {v[:, 1].mean():.3f} | "
+            f"sensitivity {v[:, 2].mean():.3f} | folds {' '.join(f'{x:.3f}' for x in v[:, 0])}"
+        )
 
 
 if __name__ == "__main__":

@@ -130,7 +130,10 @@ def main() -> int:
     import glob
 
     jpg = np.concatenate(
-        [np.asarray(Image.open(f).convert("L")).ravel() for f in glob.glob(str(Path(a.data_dir) / "ct_lesion_slices/train/images/*.jpg"))]
+        [
+            np.asarray(Image.open(f).convert("L")).ravel()
+            for f in glob.glob(str(Path(a.data_dir) / "ct_lesion_slices/train/images/*.jpg"))
+        ]
     )
     ys, xs = np.nonzero(lung.any(axis=0))
     crop = vol.array[:, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1][lung.any(axis=(1, 2))][::3].ravel()
@@ -138,8 +141,14 @@ def main() -> int:
     bins = np.arange(0, 257, 4)
     ax.hist(jpg, bins=bins, density=True, histtype="step", color="k", label="training slices (8-bit)")
     for lo, hi, c in ((HU_WINDOW[0], HU_WINDOW[1], "r"), (-1024, 600, "b")):
-        ax.hist(np.clip((crop - lo) / (hi - lo), 0, 1) * 255, bins=bins, density=True, histtype="step", color=c,
-                label=f"P001 HU [{lo:.0f}, {hi:.0f}]")
+        ax.hist(
+            np.clip((crop - lo) / (hi - lo), 0, 1) * 255,
+            bins=bins,
+            density=True,
+            histtype="step",
+            color=c,
+            label=f"P001 HU [{lo:.0f}, {hi:.0f}]",
+        )
     ax.set_xlabel("grey level (0-255)", fontsize=8)
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)

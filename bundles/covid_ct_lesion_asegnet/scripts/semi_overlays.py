@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from make_figures import _overlay  # same drawing as the shipped figures
+from PIL import Image
 
 BUNDLE = Path(__file__).resolve().parents[1]
 REPO = BUNDLE.parents[1]
@@ -44,7 +43,9 @@ def main() -> int:
     a = p.parse_args()
     torch.set_num_threads(1)
 
-    doc = next(d for d in make_datalist("ct_lesion_slices", a.data_dir, fold=0, part="val") if Path(d["image"]).name == a.image)
+    doc = next(
+        d for d in make_datalist("ct_lesion_slices", a.data_dir, fold=0, part="val") if Path(d["image"]).name == a.image
+    )
     pse = make_datalist("ct_lesion_pseudo", a.data_dir, part="val")[a.pseudo_index]
     rows = []
     for item, stage, run in ((doc, "fine-tuned fold 0", "fold0"), (pse, "pre-trained", "pretrain")):
@@ -56,7 +57,12 @@ def main() -> int:
             net = load_run(BUNDLE, run_dir, json.loads((run_dir / "overrides.json").read_text()), "final")
             pred = segment_slices(net, [img])[0]
             dice = 2 * np.count_nonzero(pred & lab) / max(1, np.count_nonzero(pred) + np.count_nonzero(lab))
-            row.append((_overlay(img, pred, lab), f"{LABELS[v].split(' +')[0]}, {stage}\n{Path(item['image']).name[:40]}: Dice {dice:.2f}"))
+            row.append(
+                (
+                    _overlay(img, pred, lab),
+                    f"{LABELS[v].split(' +')[0]}, {stage}\n{Path(item['image']).name[:40]}: Dice {dice:.2f}",
+                )
+            )
         rows.append(row)
     fig, axes = plt.subplots(len(rows), len(a.variants), figsize=(3.4 * len(a.variants), 3.5 * len(rows)), dpi=80)
     for r, row in enumerate(rows):
