@@ -2,7 +2,7 @@
 
 The scheme of Semi-Inf-Net (Fan et al., IEEE TMI 39(8) 2020, Sec. III-C), in two runs of the same ``train.json``:
 
-1. ``"stage": "pretrain"``: the 1,311 pseudo-labelled slices of 16 of the 18 patients of COVID-SemiSeg's
+1. ``"stage": "pretrain"``: the 1,311 pseudo-labelled slices of 14 of the 18 patients of COVID-SemiSeg's
    unlabelled set (``data_prep.datalists.ct_lesion_pseudo_datalist``; pseudo-label probability thresholded at 128
    of 255, the bundle's own loss), validated each epoch on every 4th slice of the 4 held-out patients
    (``PSEUDO_HOLDOUT_PATIENTS``).
