@@ -42,8 +42,12 @@ def make_network(model: str) -> torch.nn.Module:
     return DenseNet121(spatial_dims=2, in_channels=2, out_channels=1, init_features=16, growth_rate=16)
 
 
-def fold_split(table: vm.SliceTable, n_folds: int, fold: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    folds = vm.assign_folds(table.group, table.label, n_folds=n_folds, fixed={"P001": None, "normal001": None}, seed=seed)
+def fold_split(
+    table: vm.SliceTable, n_folds: int, fold: int | None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    folds = vm.assign_folds(
+        table.group, table.label, n_folds=n_folds, fixed={"P001": None, "normal001": None}, seed=seed
+    )
     if fold is None:  # final: everything (P001 with its volume label only)
         return np.arange(len(table)), np.array([], dtype=int), folds
     val_groups = {g for g, f in folds.items() if f == fold} | {"P001"}
@@ -64,7 +68,9 @@ def sequence_scores(net, feats: torch.Tensor, rows: np.ndarray, mil: bool) -> tu
     return float(s.max()), s
 
 
-def evaluate(net, table: vm.SliceTable, feats: torch.Tensor, val_idx: np.ndarray, summ: dict, mil: bool, seed: int) -> dict:
+def evaluate(
+    net, table: vm.SliceTable, feats: torch.Tensor, val_idx: np.ndarray, summ: dict, mil: bool, seed: int
+) -> dict:
     thr, vthr = summ["slice_threshold"], summ["volume_threshold"]
     res: dict = {"volumes": {}, "slices_2d": {}}
     val_groups = set(table.group[val_idx].tolist())
@@ -77,9 +83,14 @@ def evaluate(net, table: vm.SliceTable, feats: torch.Tensor, val_idx: np.ndarray
         truth = table.eval_label[rows]
         calls = (s >= thr).astype(int)
         res["volumes"][g] = {
-            "volume_label": table.volume_label[g], "volume_score": p, "called_covid": int(p >= vthr),
-            "n_slices": int(len(rows)), "positive_slices": int(calls.sum()), "slice": binary_metrics(truth, calls),
-            "slice_scores": [round(float(v), 4) for v in s], "truth": truth.tolist(),
+            "volume_label": table.volume_label[g],
+            "volume_score": p,
+            "called_covid": int(p >= vthr),
+            "n_slices": int(len(rows)),
+            "positive_slices": int(calls.sum()),
+            "slice": binary_metrics(truth, calls),
+            "slice_scores": [round(float(v), 4) for v in s],
+            "truth": truth.tolist(),
         }
     # loose 2D slices of the held-out groups, scored in chunks of 24 of the same class (shuffled, fixed seed)
     rng = np.random.default_rng(seed)
@@ -87,10 +98,19 @@ def evaluate(net, table: vm.SliceTable, feats: torch.Tensor, val_idx: np.ndarray
     for lab, name in ((0, "non_covid"), (1, "covid")):
         rows = loose[table.label[loose] == lab]
         rows = rows[rng.permutation(len(rows))]
-        scores = np.concatenate([sequence_scores(net, feats, rows[i : i + 24], mil)[1] for i in range(0, len(rows), 24)]) if len(rows) else np.array([])
-        res["slices_2d"][name] = {"n": int(len(rows)), "positive": int((scores >= thr).sum()),
-                                  "by_source": {src: [int((scores[table.source[rows] == src] >= thr).sum()), int((table.source[rows] == src).sum())]
-                                                for src in sorted(set(table.source[rows].tolist()))}}
+        scores = (
+            np.concatenate([sequence_scores(net, feats, rows[i : i + 24], mil)[1] for i in range(0, len(rows), 24)])
+            if len(rows)
+            else np.array([])
+        )
+        res["slices_2d"][name] = {
+            "n": int(len(rows)),
+            "positive": int((scores >= thr).sum()),
+            "by_source": {
+                src: [int((scores[table.source[rows] == src] >= thr).sum()), int((table.source[rows] == src).sum())]
+                for src in sorted(set(table.source[rows].tolist()))
+            },
+        }
     return res
 
 
@@ -106,7 +126,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=1024, help="slices drawn per pre-training epoch")
     ap.add_argument("--mil_steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--real_volume_share", type=float, default=0.0, help="share of positive-volume bags from real HU series")
+    ap.add_argument(
+        "--real_volume_share", type=float, default=0.0, help="share of positive-volume bags from real HU series"
+    )
     ap.add_argument("--name", default=None, help="result name for --final (default: final)")
     ap.add_argument("--save", default=None, help="fp16 weights path for --final")
     args = ap.parse_args()
@@ -134,16 +156,28 @@ def main() -> None:
         log(f"{name}: {len(tr)} training rows ({len(set(table.group[tr]))} groups), {len(va)} held-out rows")
         net = make_network(args.model)
         t0 = time.time()
-        summ, feats = vm.train_detector(net, table, tr, pretrain_epochs=args.pretrain_epochs, draws_per_epoch=args.draws,
-                                        mil_steps=args.mil_steps, seed=args.seed, log=log, checkpoint=out / f"{name}_ckpt.pt",
-                                        real_volume_share=args.real_volume_share)
+        summ, feats = vm.train_detector(
+            net,
+            table,
+            tr,
+            pretrain_epochs=args.pretrain_epochs,
+            draws_per_epoch=args.draws,
+            mil_steps=args.mil_steps,
+            seed=args.seed,
+            log=log,
+            checkpoint=out / f"{name}_ckpt.pt",
+            real_volume_share=args.real_volume_share,
+        )
         summ["seconds_with_encoding"] = round(time.time() - t0, 1)
         res = {"fold": fold, "summary": summ, "val_groups": sorted(set(table.group[va].tolist()))}
         if fold is not None:
             res.update(evaluate(net, table, feats, va, summ, mil, args.seed))
             for g, v in res["volumes"].items():
-                log(f"{name} {g}: score {v['volume_score']:.3f} -> {v['called_covid']}, {v['positive_slices']}/{v['n_slices']} "
-                    f"positive slices, slice F1 {v['slice']['F1']:.3f}")
+                log(
+                    f"{name} {g}: score {v['volume_score']:.3f} -> {v['called_covid']}, "
+                    f"{v['positive_slices']}/{v['n_slices']} "
+                    f"positive slices, slice F1 {v['slice']['F1']:.3f}"
+                )
             log(f"{name} 2D: {res['slices_2d']}")
         else:
             res["all_scores"] = {}

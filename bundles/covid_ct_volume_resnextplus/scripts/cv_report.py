@@ -37,9 +37,12 @@ def summarise(folder: Path) -> dict:
     by_source: dict[str, list[int]] = {}
     p001_f1 = []
     for f in folds:
-        row = {"fold": f["fold"], "slice_threshold": f["summary"]["slice_threshold"],
-               "train_bag_fp_slice_rate": f["summary"]["train_bag_fp_slice_rate"],
-               "seconds": f["summary"].get("seconds_with_encoding")}
+        row = {
+            "fold": f["fold"],
+            "slice_threshold": f["summary"]["slice_threshold"],
+            "train_bag_fp_slice_rate": f["summary"]["train_bag_fp_slice_rate"],
+            "seconds": f["summary"].get("seconds_with_encoding"),
+        }
         for g, v in f["volumes"].items():
             right = int(v["called_covid"] == v["volume_label"])
             if g in ("P001", "normal001"):
@@ -47,8 +50,11 @@ def summarise(folder: Path) -> dict:
                 real_n += 1
                 calls = (np.asarray(v["slice_scores"]) >= f["summary"]["slice_threshold"]).astype(int)
                 truth = np.asarray(v["truth"])
-                entry = {"volume_score": v["volume_score"], "called_covid": v["called_covid"],
-                         "positive_slices": _rate(int(calls.sum()), len(calls))}
+                entry = {
+                    "volume_score": v["volume_score"],
+                    "called_covid": v["called_covid"],
+                    "positive_slices": _rate(int(calls.sum()), len(calls)),
+                }
                 if g == "P001":
                     m = binary_metrics(truth, calls)
                     entry["slice_f1"] = m["F1"]
@@ -57,7 +63,9 @@ def summarise(folder: Path) -> dict:
                     p001_f1.append(m["F1"])
                     s = np.asarray(v["slice_scores"])
                     pos, neg = s[truth == 1], s[truth == 0]  # Mann-Whitney AUC: ranking, whatever the threshold
-                    entry["slice_auc"] = float(((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()))
+                    entry["slice_auc"] = float(
+                        ((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+                    )
                 row[g] = entry
             else:
                 pseudo_right += right
@@ -106,10 +114,15 @@ def plot(cv: Path, png: Path) -> None:
             ax.axhline(f["summary"]["slice_threshold"], color=c, ls="--", lw=0.7)
             if g == "P001" and model == "resnextplus":
                 t = np.asarray(v["truth"])
-                ax.fill_between(np.arange(len(t)), 0, t * 1.0, color="red", alpha=0.12, step="mid", label="radiologist: infected")
+                ax.fill_between(
+                    np.arange(len(t)), 0, t * 1.0, color="red", alpha=0.12, step="mid", label="radiologist: infected"
+                )
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("score", fontsize=7)
-        ax.set_title(f"{g}, held out in fold {k}" + (" (normal001 a training volume)" if g == "P001" and k in (1, 3) else ""), fontsize=8)
+        ax.set_title(
+            f"{g}, held out in fold {k}" + (" (normal001 a training volume)" if g == "P001" and k in (1, 3) else ""),
+            fontsize=8,
+        )
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=6, loc="upper right")
     axes[-1].set_xlabel("slice index (InstanceNumber - 1, superior first)", fontsize=7)
@@ -128,7 +141,7 @@ def main() -> None:
     final = cv / "resnextplus" / "final.json"
     if final.is_file():
         res["final"] = json.loads(final.read_text())["summary"]
-    (out / "cv_results.json").write_text(json.dumps(res, indent=1))
+    (out / "cv_results.json").write_text(json.dumps(res, indent=1) + "\n")
     plot(cv, out / "cv_slice_scores.png")
 
     def pct(r: dict) -> str:
@@ -138,12 +151,21 @@ def main() -> None:
         if m == "final":
             continue
         f1s = "; ".join(
-            f"f{row['fold']}: {row['P001']['slice_f1']:.3f} ({row['P001']['slice_f1_ci95'][0]:.2f}-{row['P001']['slice_f1_ci95'][1]:.2f})"
-            for row in r["per_fold"] if "P001" in row)
-        calls = ", ".join(f"f{row['fold']} P001 {row['P001']['volume_score']:.2f}" + (f" / normal001 {row['normal001']['volume_score']:.2f}" if "normal001" in row else "")
-                          for row in r["per_fold"])
-        print(f"| {MODELS[m]} | {pct(r['real_volume_accuracy'])} | {pct(r['pseudo_volume_accuracy'])} | {f1s} | "
-              f"{pct(r['normal001_positive'])} | {pct(r['non_covid_2d_positive'])} | {pct(r['covid_2d_sensitivity'])} | {calls} |")
+            f"f{row['fold']}: {row['P001']['slice_f1']:.3f} "
+            f"({row['P001']['slice_f1_ci95'][0]:.2f}-{row['P001']['slice_f1_ci95'][1]:.2f})"
+            for row in r["per_fold"]
+            if "P001" in row
+        )
+        calls = ", ".join(
+            f"f{row['fold']} P001 {row['P001']['volume_score']:.2f}"
+            + (f" / normal001 {row['normal001']['volume_score']:.2f}" if "normal001" in row else "")
+            for row in r["per_fold"]
+        )
+        print(
+            f"| {MODELS[m]} | {pct(r['real_volume_accuracy'])} | {pct(r['pseudo_volume_accuracy'])} | {f1s} | "
+            f"{pct(r['normal001_positive'])} | {pct(r['non_covid_2d_positive'])} | "
+            f"{pct(r['covid_2d_sensitivity'])} | {calls} |"
+        )
 
 
 if __name__ == "__main__":

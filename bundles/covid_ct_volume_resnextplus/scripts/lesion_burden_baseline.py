@@ -2,12 +2,13 @@
 feature in result.json; it becomes the decision only if it measurably helps).
 
 The shipped A-SegNet lesion bundle segments every slice. A slice is called positive when its lesion area exceeds
-a threshold (percent of the slice's lung mask: ``lung_mask_8bit`` for 2D slices, ``lung_mask`` for HU volumes); that threshold is
-chosen, like the detector's, at <= 5 % false-positive slices on negatives that are not reported: the non-COVID 2D
-slices of ct_slices_cls (the UCSD non-COVID slices are reported). A-SegNet was trained on the 50 MedSeg slices only,
-so P001 and normal001 are held out for it.
+a threshold (percent of the slice's lung mask: ``lung_mask_8bit`` for 2D slices, ``lung_mask`` for HU volumes); that
+threshold is chosen, like the detector's, at <= 5 % false-positive slices on negatives that are not reported: the
+non-COVID 2D slices of ct_slices_cls (the UCSD non-COVID slices are reported). A-SegNet was trained on the 50 MedSeg
+slices only, so P001 and normal001 are held out for it.
 
-    python bundles/covid_ct_volume_resnextplus/scripts/lesion_burden_baseline.py --data ../shared/data --out /tmp/21/lesion
+    python bundles/covid_ct_volume_resnextplus/scripts/lesion_burden_baseline.py --data ../shared/data \
+        --out /tmp/21/lesion
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def main() -> None:
         grays = [_read_gray(p) for p in paths]
         masks = segment_slices(net, [g / 255.0 for g in grays], device="cpu", amp=False)
         lungs = [lung_mask_8bit(g) for g in grays]
-        return np.array([100.0 * float((m.astype(bool) & lu).sum()) / max(int(lu.sum()), 1) for m, lu in zip(masks, lungs)], dtype=np.float32)
+        return np.array(
+            [100.0 * float((m.astype(bool) & lu).sum()) / max(int(lu.sum()), 1) for m, lu in zip(masks, lungs)],
+            dtype=np.float32,
+        )
 
     cls = dl.ct_slices_cls_datalist(args.data)
     cls_neg = burden_2d([d["image"] for d in cls if d["label"] == 0])
@@ -55,9 +59,13 @@ def main() -> None:
     ucsd = dl.ct_slices_ucsd_datalist(args.data)
     ucsd_neg = burden_2d([d["image"] for d in ucsd if d["label"] == 0])
     ucsd_pos = burden_2d([d["image"] for d in ucsd if d["label"] == 1])
-    res: dict = {"threshold_percent_of_lung": thr, "selected_on": f"ct_slices_cls non_covid (n={len(cls_neg)}), <= 5 % FP",
-                 "ucsd_non_covid_positive": [int((ucsd_neg >= thr).sum()), len(ucsd_neg)],
-                 "ucsd_covid_positive": [int((ucsd_pos >= thr).sum()), len(ucsd_pos)], "series": {}}
+    res: dict = {
+        "threshold_percent_of_lung": thr,
+        "selected_on": f"ct_slices_cls non_covid (n={len(cls_neg)}), <= 5 % FP",
+        "ucsd_non_covid_positive": [int((ucsd_neg >= thr).sum()), len(ucsd_neg)],
+        "ucsd_covid_positive": [int((ucsd_pos >= thr).sum()), len(ucsd_pos)],
+        "series": {},
+    }
     for d in dl.ct_dicom_datalist(args.data):
         vol = read_volume(d["image"])
         lung = lung_mask(vol.array, vol.spacing)
@@ -71,11 +79,16 @@ def main() -> None:
         m = binary_metrics(truth, calls)
         res["series"][d["series_id"]] = {
             "lesion_percent_of_lung": float(100.0 * les.sum() / max(lung.sum(), 1)),
-            "positive_slices": [int(calls.sum()), n], "positive_ci95": wilson_ci(int(calls.sum()), n),
-            "slice_f1": m["F1"], "slice_f1_ci95": block_bootstrap_f1(truth, calls) if d["label"] else None,
-            "seconds": round(time.time() - t1, 1), "slice_percent": [round(float(v), 3) for v in pct],
+            "positive_slices": [int(calls.sum()), n],
+            "positive_ci95": wilson_ci(int(calls.sum()), n),
+            "slice_f1": m["F1"],
+            "slice_f1_ci95": block_bootstrap_f1(truth, calls) if d["label"] else None,
+            "seconds": round(time.time() - t1, 1),
+            "slice_percent": [round(float(v), 3) for v in pct],
         }
-        print(d["series_id"], {k: v for k, v in res["series"][d["series_id"]].items() if k != "slice_percent"}, flush=True)
+        print(
+            d["series_id"], {k: v for k, v in res["series"][d["series_id"]].items() if k != "slice_percent"}, flush=True
+        )
     res["seconds_total"] = round(time.time() - t0, 1)
     (out / "lesion_burden.json").write_text(json.dumps(res, indent=1))
     print({k: v for k, v in res.items() if k != "series"})
