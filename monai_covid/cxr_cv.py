@@ -157,7 +157,6 @@ def train_final(
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
-_FEATURE_COLS = ("max_prob", "area", "mean_prob", "q99_prob", "bilateral")
 
 
 def score(
@@ -229,7 +228,9 @@ def score(
 
 # -------------------------------------------------------------------------------------------------------- report
 def _features(rows: Sequence[dict[str, Any]], prefix: str) -> list[dict[str, float]]:
-    return [{n: float(r[f"{prefix}_{n}"]) for n in _FEATURE_COLS} for r in rows]
+    from monai_covid.cxr_detector import FEATURES
+
+    return [{n: float(r[f"{prefix}_{n}"]) for n in FEATURES} for r in rows]
 
 
 def _detector(name: str, rows: Sequence[dict[str, Any]], min_specificity: float):

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_covid.infection_map import _as_2d
+
 __all__ = [
     "FEATURES",
     "DEFAULT_FEATURES",
@@ -52,15 +54,6 @@ FEATURES: tuple[str, ...] = ("max_prob", "area", "mean_prob", "q99_prob", "bilat
 #: features of the default detector (all of them; the CV driver reports each detector it fits)
 DEFAULT_FEATURES: tuple[str, ...] = FEATURES
 _EPS = 1e-4
-
-
-def _as_2d(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    arr = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2:
-        raise ValueError(f"expected an (H, W) or (1, H, W) array, got shape {arr.shape}")
-    return arr
 
 
 def map_features(
