@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from monai_covid.io_utils import display_text
+from monai_covid.io_utils import _utf8_encodable, display_text
 
 __all__ = [
     "InputError",
@@ -229,14 +229,6 @@ def _walk_files(root: Path, skipped: list[tuple[str, str]] | None = None) -> Ite
                 stack.append((d, depth + 1))
 
 
-def _utf8(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def itk_readable(paths: Sequence[str]) -> Iterator[list[str]]:
     """The same files under names SimpleITK can open.
@@ -247,13 +239,13 @@ def itk_readable(paths: Sequence[str]) -> Iterator[list[str]]:
     paths pass unchanged.
     """
     paths = [os.fsdecode(p) for p in paths]
-    if all(_utf8(p) for p in paths):
+    if all(_utf8_encodable(p) for p in paths):
         yield paths
         return
     with tempfile.TemporaryDirectory(prefix="monai-covid-names-") as scratch:
         out = []
         for i, p in enumerate(paths):
-            if _utf8(p):
+            if _utf8_encodable(p):
                 out.append(p)
                 continue
             low = p.lower()
