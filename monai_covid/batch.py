@@ -113,6 +113,14 @@ class ModelSet:
             self._nets[name] = load_bundle_network(self._bundle(name), self.device)
         return self._nets[name]
 
+    def cxr_detector(self):
+        """The CXR bundle's detector (:func:`monai_covid.cxr_detector.bundle_detector`), read once."""
+        if "cxr_detector" not in self._nets:
+            from monai_covid.cxr_detector import bundle_detector
+
+            self._nets["cxr_detector"] = bundle_detector(self._bundle("cxr"))
+        return self._nets["cxr_detector"]
+
     def config(self, name: str, key: str, default: Any = None) -> Any:
         """A plain value from a bundle's ``inference.json`` (thresholds, sizes), without building anything."""
         from monai.bundle import ConfigParser
@@ -631,7 +639,8 @@ def _run_cxr(models: ModelSet, path: Path, out_dir: Path) -> dict[str, Any]:
         raise InputError(path, f"not a readable X-ray ({e})") from None
     size = tuple(models.config("cxr", "image_size", [256, 256]))
     threshold = float(models.config("cxr", "threshold", 0.5))
-    res = predict_cxr(models.net("cxr"), image, device=models.device, image_size=size, threshold=threshold)
+    det = models.cxr_detector()
+    res = predict_cxr(models.net("cxr"), image, device=models.device, image_size=size, threshold=threshold, detector=det)
     atomic_save_png(out_dir / "infection_seg.png", res["seg"])
     atomic_save_png(out_dir / "infection_map.png", res["map"])
     return {
@@ -639,6 +648,8 @@ def _run_cxr(models: ModelSet, path: Path, out_dir: Path) -> dict[str, Any]:
         "shape_zyx": [1, *image.shape],
         "covid_probability": round(float(res["covid_probability"]), 4),
         "covid_detected": int(res["covid_detected"]),
+        "covid_detector": det.rule,
+        "covid_threshold": round(float(det.threshold), 4),
         "infected_area_percent": round(float(res["infected_area_percent"]), 3),
         "outputs": {"infection_seg": "infection_seg.png", "infection_map": "infection_map.png", "overlay": "infection_map.png"},
     }

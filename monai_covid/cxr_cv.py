@@ -42,7 +42,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["VARIANTS", "COMMON", "run_overrides", "train", "train_final", "score", "fold_metrics", "report", "main"]
+__all__ = [
+    "VARIANTS",
+    "COMMON",
+    "run_overrides",
+    "train",
+    "train_final",
+    "score",
+    "inner_split",
+    "oof_detection",
+    "fold_metrics",
+    "report",
+    "main",
+]
 
 #: train.json overrides of every run (grouped folds, the CPU recipe of the shipped model, no per-epoch validation)
 COMMON: dict[str, Any] = {
@@ -252,57 +264,136 @@ def _probabilities(det, name: str, rows: Sequence[dict[str, Any]]) -> np.ndarray
     return det.probability(_features(rows, "lung" if name == "logistic_lung" else "img"))
 
 
-def fold_metrics(rows: Sequence[dict[str, Any]], min_specificity: float = 0.98) -> list[dict[str, Any]]:
-    """Per (fold, detector): pixel SEN/PRE/F1/F2 pooled over the fold's COVID X-rays, and detection figures with the
-    detector fitted on the other folds (the paper's rule needs no fitting)."""
+def inner_split(rows: Sequence[dict[str, Any]], n_inner: int = 5) -> np.ndarray:
+    """Sub-fold index per row for cross-fitting inside one held-out fold: whole near-duplicate groups, dealt
+    round-robin within each class (groups ordered by class, then id), so every sub-fold has every class."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(str(r.get("group", i)), []).append(i)
+    order = sorted(groups, key=lambda g: (str(rows[groups[g][0]]["class_name"]), g))
+    sub = np.zeros(len(rows), dtype=int)
+    seen: dict[str, int] = {}
+    for g in order:
+        c = str(rows[groups[g][0]]["class_name"])
+        sub[groups[g]] = seen.get(c, 0) % n_inner
+        seen[c] = seen.get(c, 0) + 1
+    return sub
+
+
+def oof_detection(
+    test: Sequence[dict[str, Any]], rest: Sequence[dict[str, Any]], name: str, min_specificity: float, n_inner: int = 5
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(probability, threshold)`` per row of ``test``, from detector ``name`` never fitted on that row: fitted on
+    ``rest`` (the other folds' out-of-fold maps) or, when ``rest`` is empty (one fold trained), cross-fitted inside
+    ``test`` over :func:`inner_split` sub-folds of whole groups."""
+    from monai_covid.cxr_detector import CxrDetector
+
+    if name == "paper":
+        det = CxrDetector.paper()
+        return _probabilities(det, name, test), np.full(len(test), det.threshold)
+    if rest:
+        det = _detector(name, rest, min_specificity)
+        return _probabilities(det, name, test), np.full(len(test), det.threshold)
+    sub = inner_split(test, n_inner)
+    prob, thr = np.zeros(len(test)), np.zeros(len(test))
+    for j in range(n_inner):
+        fit_rows = [r for r, s in zip(test, sub) if s != j]
+        idx = np.nonzero(sub == j)[0]
+        if not len(idx):
+            continue
+        det = _detector(name, fit_rows, min_specificity)
+        prob[idx] = _probabilities(det, name, [test[i] for i in idx])
+        thr[idx] = det.threshold
+    return prob, thr
+
+
+def _pixel_metrics(pos: Sequence[dict[str, Any]]) -> dict[str, float]:
+    tp, fp, fn = (sum(int(r[c]) for r in pos) for c in ("tp", "fp", "fn"))
+    sen, pre = tp / max(tp + fn, 1), tp / max(tp + fp, 1)
+    m = {
+        "pixel_sen": sen,
+        "pixel_pre": pre,
+        "pixel_f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        "pixel_f2": 5 * pre * sen / max(4 * pre + sen, 1e-12),
+        "pixel_f1_in_lung": float("nan"),
+    }
+    if pos and "tp_lung" in pos[0]:
+        tl, fl, nl = (sum(int(r[c]) for r in pos) for c in ("tp_lung", "fp_lung", "fn_lung"))
+        m["pixel_f1_in_lung"] = 2 * tl / max(2 * tl + fl + nl, 1)
+    return m
+
+
+def _detection_metrics(y: np.ndarray, cls: np.ndarray, p: np.ndarray, hit: np.ndarray) -> dict[str, float]:
     from monai_covid.threshold_analysis import roc_auc
 
+    tpd, fpd = int((hit & (y == 1)).sum()), int((hit & (y == 0)).sum())
+    fnd = int((~hit & (y == 1)).sum())
+    m = {
+        "det_sen": tpd / max((y == 1).sum(), 1),
+        "det_spe": 1 - fpd / max((y == 0).sum(), 1),
+        "det_f1": 2 * tpd / max(2 * tpd + fpd + fnd, 1),
+        "det_auc": roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan"),
+    }
+    for c in ("non_covid", "normal"):
+        neg = cls == c
+        m[f"spe_{c}"] = float(1 - hit[neg].mean()) if neg.any() else float("nan")
+    return m
+
+
+def _fold_row_metrics(test: Sequence[dict[str, Any]], p: np.ndarray, thr: np.ndarray) -> dict[str, float]:
+    y = np.array([int(r["covid"]) for r in test])
+    cls = np.array([r["class_name"] for r in test])
+    return {**_pixel_metrics([r for r in test if int(r["covid"])]), **_detection_metrics(y, cls, p, p >= thr)}
+
+
+def _group_bootstrap(
+    test: Sequence[dict[str, Any]], p: np.ndarray, thr: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """95 % percentile CI of every figure of :func:`_fold_row_metrics`, resampling whole near-duplicate groups."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(test):
+        groups.setdefault(str(r.get("group", i)), []).append(i)
+    idx = list(groups.values())
+    rng = np.random.default_rng(seed)
+    vals: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        take = np.concatenate([idx[i] for i in rng.integers(0, len(idx), len(idx))])
+        for k, v in _fold_row_metrics([test[i] for i in take], p[take], thr[take]).items():
+            if not np.isnan(v):
+                vals.setdefault(k, []).append(v)
+    return {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in vals.items()}
+
+
+def fold_metrics(
+    rows: Sequence[dict[str, Any]], min_specificity: float = 0.98, n_boot: int = 0
+) -> list[dict[str, Any]]:
+    """Per (fold, detector): pixel SEN/PRE/F1/F2 pooled over the fold's COVID X-rays, and detection figures with the
+    detector fitted on the other folds (the paper's rule needs no fitting); with a single fold, the detector is
+    cross-fitted inside it (:func:`oof_detection`). ``n_boot`` > 0 adds ``<figure>_ci`` (group bootstrap)."""
     rows = list(rows)
     folds = sorted({int(r["fold"]) for r in rows})
     out = []
     for k in folds:
         test = [r for r in rows if int(r["fold"]) == k]
         rest = [r for r in rows if int(r["fold"]) != k]
-        pos = [r for r in test if int(r["covid"])]
-        tp, fp, fn = (sum(int(r[c]) for r in pos) for c in ("tp", "fp", "fn"))
-        sen, pre = tp / max(tp + fn, 1), tp / max(tp + fp, 1)
-        pix = {
-            "pixel_sen": sen,
-            "pixel_pre": pre,
-            "pixel_f1": 2 * tp / max(2 * tp + fp + fn, 1),
-            "pixel_f2": 5 * pre * sen / max(4 * pre + sen, 1e-12),
-        }
-        if pos and "tp_lung" in pos[0]:
-            tl, fl, nl = (sum(int(r[c]) for r in pos) for c in ("tp_lung", "fp_lung", "fn_lung"))
-            pix["pixel_f1_in_lung"] = 2 * tl / max(2 * tl + fl + nl, 1)
-        else:
-            pix["pixel_f1_in_lung"] = float("nan")
-        y = np.array([int(r["covid"]) for r in test])
-        cls = np.array([r["class_name"] for r in test])
         for name in DETECTORS:
-            if name != "paper" and len({int(r["covid"]) for r in rest}) < 2:
+            pool = rest or test
+            if name != "paper" and len({int(r["covid"]) for r in pool}) < 2:
                 continue
-            det = _detector(name, rest, min_specificity)
-            p = _probabilities(det, name, test)
-            hit = p >= det.threshold
-            tpd, fpd = int((hit & (y == 1)).sum()), int((hit & (y == 0)).sum())
-            fnd = int((~hit & (y == 1)).sum())
+            p, thr = oof_detection(test, rest, name, min_specificity)
             ms = [float(r["ms"]) for r in test if r.get("ms") not in (None, "")]
             m = {
                 "fold": k,
                 "detector": name,
                 "n": len(test),
-                "threshold": det.threshold,
-                **pix,
+                "groups": len({str(r.get("group", i)) for i, r in enumerate(test)}),
+                "fitted_on": "other folds" if rest else ("none" if name == "paper" else "inner 5-fold, by group"),
+                "threshold": float(np.median(thr)),
+                **_fold_row_metrics(test, p, thr),
                 "ms_per_image": float(np.mean(ms)) if ms else float("nan"),
-                "det_sen": tpd / max((y == 1).sum(), 1),
-                "det_spe": 1 - fpd / max((y == 0).sum(), 1),
-                "det_f1": 2 * tpd / max(2 * tpd + fpd + fnd, 1),
-                "det_auc": roc_auc(y, p) if 0 < y.sum() < len(y) else float("nan"),
             }
-            for c in ("non_covid", "normal"):
-                neg = cls == c
-                m[f"spe_{c}"] = float(1 - hit[neg].mean()) if neg.any() else float("nan")
+            if n_boot:
+                m.update({f"{c}_ci": ci for c, ci in _group_bootstrap(test, p, thr, n_boot).items()})
             out.append(m)
     return out
 
@@ -323,9 +414,23 @@ _COLS = (
 )
 
 
-def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str, min_specificity: float = 0.98) -> str:
-    """``cv_v3_results.md`` / ``.json`` (per fold, mean ± sd, Student-t 95 % CI over folds), ``roc_v3.png``,
-    ``reliability_v3.png`` and ``WORK/<variant>/detector.json`` (each detector fitted on all out-of-fold maps)."""
+def _cell(m: dict[str, Any], c: str) -> str:
+    ci = m.get(f"{c}_ci")
+    return f"{m[c]:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
+def report(
+    variants: Sequence[str],
+    work_dir: Path,
+    docs_dir: Path,
+    command: str,
+    min_specificity: float = 0.98,
+    n_boot: int | None = None,
+) -> str:
+    """``cv_v3_results.md`` / ``.json`` (per fold, mean ± sd, Student-t 95 % CI over folds; with a single fold, 95 %
+    group-bootstrap CIs in each cell), ``roc_reliability_v3.png``, ``WORK/<variant>/oof_detection.csv`` (each X-ray's
+    out-of-fold COVID probability per detector) and ``WORK/<variant>/detector_<rule>.json`` (each detector fitted on
+    all out-of-fold maps: the one to ship)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,61 +438,78 @@ def report(variants: Sequence[str], work_dir: Path, docs_dir: Path, command: str
 
     from monai_covid.classifier_cv import reliability_bins
     from monai_covid.crossval import _ci95, _mean_sd
-    from monai_covid.io_utils import atomic_write_json, atomic_write_text
+    from monai_covid.io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
     from monai_covid.threshold_analysis import roc_curve
 
     docs_dir.mkdir(parents=True, exist_ok=True)
     lines = ["| model | detector | fold | N | " + " | ".join(_COLS) + " |", "|---|---|---|---|" + "---|" * len(_COLS)]
     summary: dict[str, Any] = {"command": command, "min_specificity": min_specificity, "variants": {}}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    single = False
     for v in variants:
         with open(work_dir / v / "oof.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        per_fold = fold_metrics(rows, min_specificity)
+        folds = sorted({int(r["fold"]) for r in rows})
+        single = len(folds) == 1
+        boot = (1000 if single else 0) if n_boot is None else n_boot
+        per_fold = fold_metrics(rows, min_specificity, n_boot=boot)
         summary["variants"][v] = {"per_fold": per_fold, "n": len(rows)}
+        det_rows = [{k: r[k] for k in ("fold", "image", "group", "class_name", "covid")} for r in rows]
         for name in DETECTORS:
             fr = [m for m in per_fold if m["detector"] == name]
             for m in fr:
                 lines.append(
                     f"| {LABELS.get(v, v)} | {name} | {m['fold']} | {m['n']} | "
-                    + " | ".join(f"{m[c]:.3f}" for c in _COLS)
+                    + " | ".join(_cell(m, c) for c in _COLS)
                     + " |"
                 )
-            if fr:
+            if len(fr) > 1:
                 lines.append(
                     f"| {LABELS.get(v, v)} | {name} | mean ± sd (95 % CI) | {sum(m['n'] for m in fr)} | "
                     + " | ".join(f"{_mean_sd([m[c] for m in fr])} ({_ci95([m[c] for m in fr])})" for c in _COLS)
                     + " |"
                 )
             if name != "paper" and len({int(r["covid"]) for r in rows}) == 2:
-                det = _detector(name, rows, min_specificity)
-                det.save(work_dir / v / f"detector_{name}.json")
-            # out-of-fold probabilities of the nested detectors, for the curves
+                _detector(name, rows, min_specificity).save(work_dir / v / f"detector_{name}.json")
+            # out-of-fold probabilities of the nested (or cross-fitted) detectors, for the curves and examples
             y, p = [], []
-            for k in sorted({int(r["fold"]) for r in rows}):
+            at = {}
+            for k in folds:
                 test = [r for r in rows if int(r["fold"]) == k]
                 rest = [r for r in rows if int(r["fold"]) != k]
-                if name != "paper" and len({int(r["covid"]) for r in rest}) < 2:
+                if name != "paper" and len({int(r["covid"]) for r in (rest or test)}) < 2:
                     continue
-                p += _probabilities(_detector(name, rest, min_specificity), name, test).tolist()
+                pk, tk = oof_detection(test, rest, name, min_specificity)
+                p += pk.tolist()
                 y += [int(r["covid"]) for r in test]
+                at.update({(int(r["fold"]), r["image"]): (a, b) for r, a, b in zip(test, pk, tk)})
+            for r in det_rows:
+                a, b = at.get((int(r["fold"]), r["image"]), (float("nan"), float("nan")))
+                r[f"{name}_probability"], r[f"{name}_detected"] = f"{a:.6g}", int(a >= b) if a == a else ""
             if y and 0 < sum(y) < len(y):
                 fpr, tpr, _ = roc_curve(y, p)
                 axes[0].plot(fpr, tpr, label=f"{v} / {name}")
                 bins = reliability_bins(y, p)
                 axes[1].plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], "o-", label=f"{v} / {name}")
+        atomic_write_csv(work_dir / v / "oof_detection.csv", det_rows, list(det_rows[0]))
     for ax, (xl, yl) in zip(
         axes, (("1 - specificity", "sensitivity"), ("predicted COVID probability", "observed COVID fraction"))
     ):
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7)
-    axes[0].set_title("grouped 5-fold CV, out of fold (COVID vs Non-COVID + Normal)", fontsize=8)
-    axes[1].set_title("reliability, detectors fitted on the other folds", fontsize=8)
+    where = "held-out grouped fold, detectors cross-fitted inside it by group" if single else "grouped CV, out of fold"
+    axes[0].set_title(f"{where} (COVID vs Non-COVID + Normal)", fontsize=8)
+    axes[1].set_title("reliability of the out-of-fold detector probability", fontsize=8)
     fig.tight_layout()
     fig.savefig(docs_dir / "roc_reliability_v3.png", dpi=100)
     plt.close(fig)
-    table = "\n".join(lines) + f"\n\n95 % CI: Student t over the fold values. Command: `{command}`\n"
+    ci = (
+        "95 % CI in brackets: percentile bootstrap over near-duplicate groups (1,000 resamples)"
+        if single
+        else "95 % CI: Student t over the fold values"
+    )
+    table = "\n".join(lines) + f"\n\n{ci}. Command: `{command}`\n"
     atomic_write_text(docs_dir / "cv_v3_results.md", table)
     atomic_write_json(docs_dir / "cv_v3_results.json", summary)
     return table

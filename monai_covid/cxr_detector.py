@@ -47,6 +47,7 @@ __all__ = [
     "fit_logistic",
     "choose_threshold",
     "CxrDetector",
+    "bundle_detector",
 ]
 
 #: every feature :func:`map_features` returns, in a fixed order
@@ -251,3 +252,31 @@ class CxrDetector:
             return cls.paper()
         d = json.loads(Path(path).read_text())
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def bundle_detector(bundle: str | os.PathLike, config: Mapping[str, Any] | None = None) -> CxrDetector:
+    """The detector a CXR bundle ships: ``detector`` of its ``configs/inference.json`` (a JSON path, usually
+    ``"$@bundle_root + '/models/detector.json'"``) resolved against ``bundle``; ``null`` gives the paper's rule.
+
+    ``config``: an already-read ``inference.json`` (e.g. MONAI Label's bundle config), else the file is read. The
+    same detector therefore drives ``python -m monai.bundle run``, ``monai-covid infer --modality cxr`` and the MONAI
+    Label CXR task."""
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle)
+    if config is None:
+        parser = ConfigParser()
+        parser.read_config(str(root / "configs" / "inference.json"))
+    else:
+        parser = ConfigParser(dict(config))
+    value = parser.config.get("detector")
+    if value is None:
+        return CxrDetector.paper(float(parser.config.get("threshold", 0.5)))
+    parser["bundle_root"] = str(root)
+    path = Path(parser.get_parsed_content("detector", instantiate=False, eval_expr=True))
+    if not path.is_absolute():
+        path = root / path
+    det = CxrDetector.load(path)
+    if det.use_lung:
+        raise ValueError(f"{path}: fitted on lung-restricted features, but the bundle predicts no lung mask")
+    return det

@@ -66,6 +66,36 @@ def test_fold_metrics_nested_detectors_on_synthetic_oof(tmp_path) -> None:
     assert (tmp_path / "w" / "toy" / "detector_logistic_image.json").is_file()
 
 
+def test_single_fold_cross_fits_the_detector_inside_it_by_group(tmp_path) -> None:
+    """One trained fold: every X-ray's detector is fitted on other groups of that fold only, CIs by group."""
+    rows = [r for r in _oof_rows() if r["fold"] == 0]
+    rows[1]["group"] = rows[0]["group"]  # a near-duplicate pair must stay in one sub-fold
+    sub = cxr_cv.inner_split(rows, 5)
+    assert sub[0] == sub[1] and set(sub) == set(range(5))
+    for j in range(5):  # every sub-fold holds every class
+        assert {r["class_name"] for r, s in zip(rows, sub) if s == j} == {r["class_name"] for r in rows}
+    p, thr = cxr_cv.oof_detection(rows, [], "logistic_image", 0.98)
+    assert p.shape == thr.shape == (len(rows),) and np.all((p >= 0) & (p <= 1))
+    assert len(set(np.round(thr, 9))) > 1  # one threshold per sub-fold, not one fitted on everything
+    per = cxr_cv.fold_metrics(rows, n_boot=200)
+    fitted = next(m for m in per if m["detector"] == "logistic_image")
+    paper = next(m for m in per if m["detector"] == "paper")
+    assert fitted["fitted_on"].startswith("inner") and paper["fitted_on"] == "none"
+    assert fitted["spe_non_covid"] > 0.85 and paper["spe_non_covid"] < 0.2
+    for m in (fitted, paper):
+        lo, hi = m["det_spe_ci"]
+        assert lo <= m["det_spe"] <= hi
+    assert paper["det_spe_ci"][0] < paper["det_spe_ci"][1]  # resampled groups, not one value
+    (tmp_path / "w" / "toy").mkdir(parents=True)
+    from monai_covid.io_utils import atomic_write_csv
+
+    atomic_write_csv(tmp_path / "w" / "toy" / "oof.csv", rows, list(rows[0]))
+    table = cxr_cv.report(["toy"], tmp_path / "w", tmp_path / "docs", "test", n_boot=100)
+    assert "mean ± sd" not in table and "bootstrap over near-duplicate groups" in table
+    det = (tmp_path / "w" / "toy" / "oof_detection.csv").read_text().splitlines()
+    assert len(det) == len(rows) + 1 and "logistic_image_probability" in det[0]
+
+
 def test_run_overrides_fixed_epochs_no_selection() -> None:
     ov = cxr_cv.run_overrides("unet", 3, "/data")
     assert ov["datalist_name"] == "cxr_infection_grouped" and ov["fold"] == 3

@@ -160,3 +160,32 @@ def test_writer_and_predict_use_the_detector(tmp_path) -> None:
     out = predict_cxr(Constant(), image, image_size=pneumonia.shape, detector=det)
     assert out["covid_detected"] is False and out["covid_probability"] < det.threshold
     assert predict_cxr(Constant(), image, image_size=pneumonia.shape)["covid_detected"]
+
+
+def test_bundle_detector_follows_inference_json(tmp_path) -> None:
+    """``detector: null`` is the paper's rule; a JSON path expression (as shipped) loads the fitted detector."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from monai_covid.cxr_detector import bundle_detector
+
+    src = Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_infection_map_unet" / "configs" / "inference.json"
+    bundle = tmp_path / "b"
+    (bundle / "configs").mkdir(parents=True)
+    cfg = json.loads(src.read_text())
+    cfg["detector"] = None
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
+    assert bundle_detector(bundle).rule == "paper" and bundle_detector(bundle).threshold == cfg["threshold"]
+    rows, y, kinds = _synthetic_set(5)
+    det = CxrDetector.fit(rows, y, classes=kinds)
+    det.save(bundle / "models" / "detector.json")
+    cfg["detector"] = "$@bundle_root + '/models/detector.json'"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
+    for loaded in (bundle_detector(bundle), bundle_detector(bundle, cfg)):  # from the file, or an already-read config
+        assert loaded.rule == "logistic" and loaded.threshold == pytest.approx(det.threshold)
+        assert loaded.weights == pytest.approx(det.weights)
+    lung = CxrDetector.fit(rows, y, classes=kinds, use_lung=True)
+    lung.save(bundle / "models" / "detector.json")
+    with pytest.raises(ValueError, match="lung"):
+        bundle_detector(bundle)

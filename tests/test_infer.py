@@ -202,6 +202,9 @@ def test_cxr_png_and_dicom_dx(shared_data, tmp_path):
     ds.save_as(inp / "dx" / "xray.dcm", enforce_file_format=True)
     rc = main(["infer", str(inp), str(tmp_path / "out"), "--modality", "cxr", "--models", "cxr", "--quiet"])
     assert rc == 0
+    from monai_covid.batch import bundles_dir
+    from monai_covid.cxr_detector import bundle_detector
+
     with open(tmp_path / "out" / "report.csv", newline="") as f:
         rows = {r["case_id"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"covid", "dx"} and all(r["modality"] == "cxr" for r in rows.values())
@@ -211,7 +214,9 @@ def test_cxr_png_and_dicom_dx(shared_data, tmp_path):
         assert m.shape == (*arr.shape, 4) and seg.shape == arr.shape and set(np.unique(seg)) <= {0, 255}
         res = json.loads((tmp_path / "out" / cid / "result.json").read_text())
         assert 0.0 <= res["covid_probability"] <= 1.0
-        assert res["covid_detected"] == int(res["covid_probability"] >= 0.5)
+        # the bundle's detector decides (calibrated classifier on the map when it ships one, else the paper's rule)
+        assert res["covid_detector"] == bundle_detector(bundles_dir() / "covid_cxr_infection_map_unet").rule
+        assert res["covid_detected"] == int(res["covid_probability"] >= res["covid_threshold"])
         # where the map is transparent the probability is ~0; an infected area implies opaque pixels
         assert (res["infected_area_percent"] > 0) <= (m[..., 3] == 255).any()
     # the same pixels through PNG and DICOM give the same call

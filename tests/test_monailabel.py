@@ -246,5 +246,9 @@ def test_cxr_infection(server, shared_data, studies, tmp_path):
     _, body, _ = _request(f"{base}/infer/cxr_infection?image={CXR_ID}&output=json", "POST", INFER_TIMEOUT_S)
     res = json.loads(body)
     assert 0.0 <= res["covid_probability"] <= 1.0
-    assert res["covid_detected"] == (res["covid_probability"] >= res["threshold"])
+    from monai_covid.cxr_detector import bundle_detector
+
+    # the bundle's detector (calibrated map classifier when models/detector.json ships, else the paper's rule)
+    assert res["covid_detector"] == bundle_detector(CXR_BUNDLE.parents[1]).rule
+    assert res["covid_detected"] == (res["covid_probability"] >= res["covid_threshold"])
     assert res["infected_area_percent"] == pytest.approx(100.0 * mask.mean(), abs=0.01)

@@ -7,8 +7,9 @@ size) are plain MONAI transforms on ``image``. Added around them:
 - the network is built and loaded by ``monai_covid.inference.lesion.load_bundle_network`` (``weights_only=True``, the
   fp16 state dict cast to float32, strict keys) instead of MONAI Label's loader;
 - ``Invertd`` already restores the input size, so MONAI Label's ``Restored`` is not appended;
-- post-processing adds the paper's detection rule (COVID-19 when any pixel has probability >= the bundle's
-  ``threshold``) to the JSON and thresholds the map into label ``infection`` = 1;
+- post-processing adds the bundle's COVID-19 detector to the JSON (``detector`` of ``inference.json``, read by
+  :func:`monai_covid.cxr_detector.bundle_detector`: the calibrated map classifier when the bundle ships one, else
+  the paper's rule, any pixel >= ``threshold``) and thresholds the map into label ``infection`` = 1;
 - the label is written as a PNG of the X-ray's size (values 0/1), as the input is a 2D PNG/JPEG.
 
 DICOM X-rays are not served here: the core reads their pixels with ``pydicom.pixels`` (pydicom >= 3), and MONAI
@@ -38,10 +39,11 @@ class InfectionCalld:
     """Post-transform: ``data["pred"]`` (probability ``(1, H, W)``) -> uint8 ``(H, W)`` mask, and the COVID-19 call,
     the highest probability and the infected area in ``data["result"]``."""
 
-    def __init__(self, threshold: float = 0.5, key: str = "pred", result: str = "result") -> None:
+    def __init__(self, threshold: float = 0.5, key: str = "pred", result: str = "result", detector: Any = None) -> None:
         self.threshold = threshold
         self.key = key
         self.result = result
+        self.detector = detector
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         from monai_covid.infection_map import covid_detected, covid_probability, infected_area_percent
@@ -50,10 +52,24 @@ class InfectionCalld:
         prob = torch.as_tensor(d[self.key]).detach().float().cpu().numpy()
         prob = prob[0] if prob.ndim == 3 else prob
         res = dict(d.get(self.result) or {})
-        res.update(
-            {
+        if self.detector is not None:
+            call = self.detector(prob)
+            covid = {
+                "covid_probability": round(float(call["covid_probability"]), 6),
+                "covid_detected": bool(call["covid_detected"]),
+                "covid_detector": self.detector.rule,
+                "covid_threshold": round(float(self.detector.threshold), 6),
+            }
+        else:
+            covid = {
                 "covid_probability": round(covid_probability(prob), 6),
                 "covid_detected": bool(covid_detected(prob, self.threshold)),
+                "covid_detector": "paper",
+                "covid_threshold": self.threshold,
+            }
+        res.update(
+            {
+                **covid,
                 "infected_area_percent": round(infected_area_percent(prob, self.threshold), 3),
                 "threshold": self.threshold,
             }
@@ -80,6 +96,9 @@ class CXRInfection(BundleInferTask):
             "research use, not diagnosis"
         )
         self.threshold = float(self.bundle_config.config.get("threshold", 0.5))
+        from monai_covid.cxr_detector import bundle_detector
+
+        self.detector = bundle_detector(bundle, self.bundle_config.config)
 
     def _get_network(self, device: str, data: Any) -> torch.nn.Module:
         from monai_covid.inference.lesion import load_bundle_network
@@ -90,7 +109,7 @@ class CXRInfection(BundleInferTask):
             return self._nets[device]
 
     def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
-        return [*super().post_transforms(data), InfectionCalld(self.threshold, key=self.key_pred)]
+        return [*super().post_transforms(data), InfectionCalld(self.threshold, key=self.key_pred, detector=self.detector)]
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
         from PIL import Image
