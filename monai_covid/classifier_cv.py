@@ -240,7 +240,7 @@ def train_fold(bundle: Path, run_dir: Path, overrides: dict[str, Any], data_dir:
     ov = {"bundle_root": str(bundle), "ckpt_dir": str(run_dir), "output_dir": str(run_dir), **overrides}
     if data_dir:
         ov["dataset_dir"] = data_dir
-    ov.setdefault("validate#interval", int(ov.get("epochs", 8)))  # held-out fold checked once, at the end
+    ov.setdefault("val_interval", int(ov.get("epochs", 8)))  # held-out fold checked once, at the end
     wf = ConfigWorkflow(
         config_file=str(bundle / "configs" / "train.json"), meta_file=str(bundle / "configs" / "metadata.json"),
         workflow_type="train", **ov,
