@@ -53,6 +53,8 @@ __all__ = [
     "oof_detection",
     "fold_metrics",
     "report",
+    "pick_examples",
+    "examples",
     "main",
 ]
 
@@ -515,10 +517,101 @@ def report(
     return table
 
 
+def pick_examples(det_rows: Sequence[dict[str, Any]], detector: str = "logistic_image") -> list[tuple[str, dict]]:
+    """Example X-rays for the docs from ``oof_detection.csv`` rows, one per outcome of ``detector`` (each the most
+    confident of its kind): a true alarm, a missed COVID-19 X-ray, a Non-COVID X-ray that the paper's rule calls
+    COVID and the detector spares, and the detector's most confident false alarm on each negative class."""
+    prob = f"{detector}_probability"
+    rows = [r for r in det_rows if r.get(prob) not in (None, "", "nan")]
+    hit = {id(r): int(r[f"{detector}_detected"]) for r in rows}
+    kinds = [
+        ("true alarm", lambda r: int(r["covid"]) and hit[id(r)], True),
+        ("missed COVID-19", lambda r: int(r["covid"]) and not hit[id(r)], False),
+        (
+            "spared Non-COVID (paper rule fires)",
+            lambda r: r["class_name"] == "non_covid" and not hit[id(r)] and int(r.get("paper_detected") or 0),
+            False,
+        ),
+        ("false alarm, Non-COVID", lambda r: r["class_name"] == "non_covid" and hit[id(r)], True),
+        ("false alarm, Normal", lambda r: r["class_name"] == "normal" and hit[id(r)], True),
+    ]
+    out = []
+    for title, keep, high in kinds:
+        cand = sorted((r for r in rows if keep(r)), key=lambda r: float(r[prob]), reverse=high)
+        if cand:
+            out.append((title, cand[0]))
+    return out
+
+
+def examples(
+    bundle: Path,
+    variant: str,
+    work_dir: Path,
+    data_dir: str,
+    figure: Path,
+    detector: str = "logistic_image",
+    n_folds: int = 5,
+) -> Path:
+    """``figure``: X-ray | ground truth | infection map of :func:`pick_examples`, each through the fold model that
+    did not train on it, titled with its class, out-of-fold COVID probability and both detectors' calls."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from data_prep.datalists import make_datalist
+    from monai_covid.crossval import load_run
+    from monai_covid.infection_map import predict_cxr, read_mask, read_xray
+    from monai_covid.io_utils import atomic_write_bytes
+
+    with open(work_dir / variant / "oof_detection.csv", newline="") as f:
+        picks = pick_examples(list(csv.DictReader(f)), detector)
+    fig, axes = plt.subplots(len(picks), 3, figsize=(7.5, 2.5 * len(picks)), dpi=80, squeeze=False)
+    nets: dict[int, Any] = {}
+    for row, (title, r) in zip(axes, picks):
+        k = int(r["fold"])
+        ov = run_overrides(variant, k, data_dir, n_folds)
+        if k not in nets:
+            nets[k] = load_run(bundle, work_dir / variant / f"fold{k}", ov, "final")
+        item = next(
+            d
+            for d in make_datalist(ov["datalist_name"], data_dir, fold=k, n_folds=n_folds, part="val")
+            if Path(d["image"]).name == r["image"]
+        )
+        image = read_xray(item["image"])
+        res = predict_cxr(nets[k], image, image_size=tuple(ov["image_size"]))
+        row[0].imshow(image, cmap="gray", vmin=0, vmax=1)
+        row[1].imshow(image, cmap="gray", vmin=0, vmax=1)
+        gt = read_mask(item["label"])
+        if gt.any():
+            row[1].contour(gt, levels=[0.5], colors="yellow", linewidths=0.8)
+        row[1].contour(read_mask(item["lung"]), levels=[0.5], colors="cyan", linewidths=0.5)
+        row[2].imshow(res["map"])
+        row[0].set_ylabel(f"{title}\n{r['class_name']}", fontsize=7)
+        row[2].set_title(
+            f"p(COVID) {float(r[f'{detector}_probability']):.2f}; detector "
+            f"{'yes' if int(r[f'{detector}_detected']) else 'no'}, paper rule "
+            f"{'yes' if int(r.get('paper_detected') or 0) else 'no'}",
+            fontsize=7,
+        )
+        for ax in row:
+            ax.set_xticks([]), ax.set_yticks([])
+    for ax, t in zip(axes[0], ("X-ray", "infection (yellow), lung (cyan) masks", "")):
+        if t:
+            ax.set_title(t, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(figure, buf.getvalue())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m monai_covid.cxr_cv", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=("train", "score", "report", "all", "final"))
+    p.add_argument("step", choices=("train", "score", "report", "all", "final", "examples"))
     p.add_argument("bundle", type=Path)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -543,6 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.step == "final":
         for v in a.variants:
             print(train_final(bundle, v, a.work_dir, a.data_dir, a.resume, extra))
+    if a.step == "examples":
+        for v in a.variants:
+            print(
+                examples(bundle, v, a.work_dir, a.data_dir, (a.docs_dir or a.work_dir / "report") / f"examples_{v}.png")
+            )
     if a.step in ("report", "all"):
         print(
             report(

@@ -169,3 +169,32 @@ def test_final_run_trains_on_every_xray_and_writes_fp16(tmp_path, monkeypatch) -
     assert ov["max_epochs"] == cxr_cv.VARIANTS["slim"]["max_epochs"]
     sd = torch.load(out, weights_only=True)
     assert sd["w"].dtype == torch.float16 and sd["n"].dtype == torch.int64
+
+
+def test_pick_examples_one_per_outcome() -> None:
+    def row(name, cls, p, hit, paper):
+        return {
+            "image": name,
+            "class_name": cls,
+            "covid": int(cls == "covid"),
+            "fold": 0,
+            "logistic_image_probability": p,
+            "logistic_image_detected": hit,
+            "paper_detected": paper,
+        }
+
+    rows = [
+        row("c1", "covid", 0.9, 1, 1),
+        row("c2", "covid", 0.99, 1, 1),
+        row("c3", "covid", 0.1, 0, 1),
+        row("n1", "non_covid", 0.2, 0, 1),
+        row("n2", "non_covid", 0.3, 0, 0),
+        row("n3", "non_covid", 0.95, 1, 1),
+        row("m1", "normal", 0.01, 0, 0),
+    ]
+    picks = dict(cxr_cv.pick_examples(rows))
+    assert picks["true alarm"]["image"] == "c2"  # the most confident of its kind
+    assert picks["missed COVID-19"]["image"] == "c3"
+    assert picks["spared Non-COVID (paper rule fires)"]["image"] == "n1"
+    assert picks["false alarm, Non-COVID"]["image"] == "n3"
+    assert "false alarm, Normal" not in picks  # none: no row invented

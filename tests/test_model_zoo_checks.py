@@ -324,7 +324,9 @@ def test_train_properties_strict(bundle):
         if p[BundleProperty.REQUIRED] and p[BundlePropertyConfig.ID] not in wf.parser
     ]
     assert not missing, f"required train properties missing: {missing}"
-    wrong = [n for n, p in TrainProperties.items() if not p[BundleProperty.REQUIRED] and not wf._check_optional_id(n, p)]
+    wrong = [
+        n for n, p in TrainProperties.items() if not p[BundleProperty.REQUIRED] and not wf._check_optional_id(n, p)
+    ]
     assert not wrong, f"optional train properties referenced under other ids: {wrong}"
 
 
