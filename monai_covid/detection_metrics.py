@@ -124,7 +124,9 @@ class SegmentationDetectionReport:
 
     For each decollated output item: ``pred_key`` a probability map ``(1, H, W)``, ``label_key`` the 0/1 mask of the
     same size, ``positive_key`` the image label (1 = positive class). Pixels ``>= threshold`` are predicted positive;
-    an image is detected positive when any pixel is. Pixel counts are pooled over the positive images (the paper's
+    an image is detected positive when any pixel is (the paper's rule), or, with ``detector`` (a
+    :class:`monai_covid.cxr_detector.CxrDetector` or its JSON path, e.g. the CXR bundle's ``models/detector.json``),
+    when that detector calls it COVID-19. Pixel counts are pooled over the positive images (the paper's
     pixel-level evaluation on COVID-19 images), detection counts over all images. Also records the mean time per image
     from iteration start to end (forward pass and post-processing, not file reading).
     """
@@ -137,10 +139,16 @@ class SegmentationDetectionReport:
         positive_key: str = "covid",
         threshold: float = 0.5,
         z: float = 1.96,
+        detector: Any = None,
     ) -> None:
         self.output_path = None if output_path is None else Path(output_path)
         self.pred_key, self.label_key, self.positive_key = pred_key, label_key, positive_key
         self.threshold, self.z = threshold, z
+        if detector is not None:
+            from monai_covid.cxr_detector import CxrDetector
+
+            detector = detector if isinstance(detector, CxrDetector) else CxrDetector.load(detector)
+        self.detector = detector
         self.reset()
 
     def reset(self, engine=None) -> None:
@@ -170,7 +178,8 @@ class SegmentationDetectionReport:
         positive = bool(int(positive))
         if positive:
             self.pixel += binary_counts(pred, label)
-        self.image += binary_counts([bool(pred.any())], [positive])
+        called = bool(pred.any()) if self.detector is None else bool(self.detector(prob)["covid_detected"])
+        self.image += binary_counts([called], [positive])
         self.n_images += 1
 
     def _update(self, engine) -> None:
@@ -188,6 +197,7 @@ class SegmentationDetectionReport:
     def compute(self) -> dict[str, Any]:
         self.result = {
             "threshold": self.threshold,
+            "detector": "paper" if self.detector is None else self.detector.rule,
             "n_images": self.n_images,
             "pixel_level_on_positive_images": self.pixel.metrics(self.z),
             "image_level_detection": self.image.metrics(self.z),

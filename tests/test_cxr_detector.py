@@ -170,7 +170,9 @@ def test_bundle_detector_follows_inference_json(tmp_path) -> None:
 
     from monai_covid.cxr_detector import bundle_detector
 
-    src = Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_infection_map_unet" / "configs" / "inference.json"
+    src = (
+        Path(__file__).resolve().parents[1] / "bundles" / "covid_cxr_infection_map_unet" / "configs" / "inference.json"
+    )
     bundle = tmp_path / "b"
     (bundle / "configs").mkdir(parents=True)
     cfg = json.loads(src.read_text())
@@ -189,3 +191,23 @@ def test_bundle_detector_follows_inference_json(tmp_path) -> None:
     lung.save(bundle / "models" / "detector.json")
     with pytest.raises(ValueError, match="lung"):
         bundle_detector(bundle)
+
+
+def test_evaluation_report_counts_detections_with_the_detector() -> None:
+    """``SegmentationDetectionReport(detector=...)`` (evaluate.json ``detector``): the image-level call is the
+    detector's; pixel counts do not change."""
+    from monai_covid.detection_metrics import SegmentationDetectionReport
+
+    rows, y, kinds = _synthetic_set(6)
+    det = CxrDetector.fit(rows, y, classes=kinds)
+    rng = np.random.default_rng(8)
+    maps = [(_map(rng, "covid"), 1), (_map(rng, "non_covid"), 0), (_map(rng, "normal"), 0)]
+    reports = {"paper": SegmentationDetectionReport(), "fitted": SegmentationDetectionReport(detector=det)}
+    for rep in reports.values():
+        for m, positive in maps:
+            rep.update(m[None], (m > 0.5)[None] if positive else np.zeros((1, *m.shape), bool), positive)
+    paper, fitted = (reports[k].compute() for k in ("paper", "fitted"))
+    assert paper["detector"] == "paper" and fitted["detector"] == "logistic"
+    assert paper["image_level_detection"]["fp"] == 1  # the pneumonia-like map has pixels >= 0.5
+    assert fitted["image_level_detection"]["fp"] == 0 and fitted["image_level_detection"]["tp"] == 1
+    assert paper["pixel_level_on_positive_images"] == fitted["pixel_level_on_positive_images"]
