@@ -132,10 +132,12 @@ def pseudo_label_patient(name: str) -> str:
 
 
 def ct_lesion_pseudo_datalist(
-    data_dir: str | os.PathLike, holdout_patients: Sequence[str] = PSEUDO_HOLDOUT_PATIENTS
+    data_dir: str | os.PathLike, holdout_patients: Sequence[str] = PSEUDO_HOLDOUT_PATIENTS, rewindow: bool = False
 ) -> list[dict[str, Any]]:
     """Pseudo-labelled CT lesion slices (``ct_lesion_slices/pseudo_labelled``): image jpg, ``label`` the soft mask
     png (probability x 255), ``volume`` and ``group`` (patient) ids, ``holdout`` (patient in ``holdout_patients``).
+    ``rewindow=True`` adds ``grey_map`` (scale, offset) per volume (:func:`data_prep.lesion_slices.volume_grey_maps`),
+    which ``GreyLevelMapd`` in the lesion bundles' ``load_transforms`` applies.
     """
     root = Path(data_dir) / "ct_lesion_slices" / "pseudo_labelled"
     holdout = set(holdout_patients)
@@ -157,6 +159,12 @@ def ct_lesion_pseudo_datalist(
     unknown = holdout - {d["group"] for d in items}
     if unknown:
         raise ValueError(f"{root}: held-out patients {sorted(unknown)} not in the data")
+    if rewindow:
+        from data_prep.lesion_slices import volume_grey_maps
+
+        maps = volume_grey_maps(items, data_dir)
+        for d in items:
+            d["grey_map"] = list(maps[d["volume"]])
     return items
 
 
@@ -330,14 +338,22 @@ _BUILDERS = {
 }
 
 
-def make_datalist(name: str, data_dir: str | os.PathLike, fold: int | None = None, n_folds: int = 5, part: str = "train"):
+def make_datalist(
+    name: str,
+    data_dir: str | os.PathLike,
+    fold: int | None = None,
+    n_folds: int = 5,
+    part: str = "train",
+    rewindow: bool = False,
+):
     """Config-friendly entry point: the items of data set ``name``, or one part of fold ``fold``.
 
     ``part`` is ``"train"``, ``"val"`` or ``"all"``; with ``fold=None`` all items are returned. ``"ct_lesion_pseudo"``
-    has no folds: ``"train"`` / ``"val"`` are the pre-training and the held-out patients whatever ``fold`` is.
+    has no folds: ``"train"`` / ``"val"`` are the pre-training and the held-out patients whatever ``fold`` is;
+    ``rewindow`` (that set only) adds the per-volume grey-level map.
     """
     if name == "ct_lesion_pseudo":  # no folds: "train" = pre-training patients, "val" = held-out patients
-        items = ct_lesion_pseudo_datalist(data_dir)
+        items = ct_lesion_pseudo_datalist(data_dir, rewindow=rewindow)
         if part not in ("train", "val", "all"):
             raise ValueError(f"part must be train, val or all, got {part!r}")
         return items if part == "all" else [d for d in items if d["holdout"] == (part == "val")]

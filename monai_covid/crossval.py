@@ -340,7 +340,8 @@ def _pseudo_holdout_rows(bundle: Path, run_dir: Path, ov: dict[str, Any], data_d
     from monai_covid.semi_supervised import score_pseudo_holdout
 
     net = load_run(bundle, run_dir, ov, "final")
-    return [{"variant": variant, **r} for r in score_pseudo_holdout(net, data_dir)]
+    rewindow = bool(ov.get("pseudo_rewindow", False))  # scored on the grey scale it was pre-trained on
+    return [{"variant": variant, **r} for r in score_pseudo_holdout(net, data_dir, rewindow=rewindow)]
 
 
 def _write_pseudo_holdout(rows: list[dict[str, Any]], docs: Path, argv: Sequence[str]) -> None:

@@ -56,26 +56,37 @@ def _check_stage(stage: str) -> str:
 
 
 def training_items(
-    stage: str, data_dir: str | os.PathLike, fold: int | None, n_folds: int = 5, repeats: int = 1
+    stage: str,
+    data_dir: str | os.PathLike,
+    fold: int | None,
+    n_folds: int = 5,
+    repeats: int = 1,
+    rewindow: bool = False,
 ) -> list[dict[str, Any]]:
     """Training items of ``stage``: the pre-training patients' pseudo-labelled slices (once each: 1,311 slices are
-    enough draws an epoch) or the doctor slices of the fold's training part, each ``repeats`` times."""
+    enough draws an epoch; ``rewindow``: each volume's grey scale mapped onto the doctor slices') or the doctor
+    slices of the fold's training part, each ``repeats`` times."""
     from data_prep.datalists import make_datalist
 
     if _check_stage(stage) == "pretrain":
-        return make_datalist("ct_lesion_pseudo", data_dir, part="train")
+        return make_datalist("ct_lesion_pseudo", data_dir, part="train", rewindow=rewindow)
     return make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="train") * int(repeats)
 
 
 def validation_items(
-    stage: str, data_dir: str | os.PathLike, fold: int | None, n_folds: int = 5, every: int = PRETRAIN_VAL_EVERY
+    stage: str,
+    data_dir: str | os.PathLike,
+    fold: int | None,
+    n_folds: int = 5,
+    every: int = PRETRAIN_VAL_EVERY,
+    rewindow: bool = False,
 ) -> list[dict[str, Any]]:
     """Validation items of ``stage``: every ``every``-th slice of the held-out pseudo-label patients, or the
     doctor slices of the fold (all 50 with ``fold=None``)."""
     from data_prep.datalists import make_datalist
 
     if _check_stage(stage) == "pretrain":
-        return make_datalist("ct_lesion_pseudo", data_dir, part="val")[::every]
+        return make_datalist("ct_lesion_pseudo", data_dir, part="val", rewindow=rewindow)[::every]
     return make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val")
 
 
@@ -137,18 +148,23 @@ def soft_dice(pred: np.ndarray, target: np.ndarray) -> float:
     return float(2.0 * (p * q).sum() / den) if den > 0 else 1.0
 
 
-def score_pseudo_holdout(net, data_dir: str | os.PathLike, every: int = 1, threshold: float = 0.5) -> list[dict[str, Any]]:
+def score_pseudo_holdout(
+    net, data_dir: str | os.PathLike, every: int = 1, threshold: float = 0.5, rewindow: bool = False
+) -> list[dict[str, Any]]:
     """Per-slice scores of ``net`` against the pseudo-labels of the held-out patients (every ``every``-th slice), at
     the slices' original size through the inference path: Dice against the pseudo-label thresholded at 128 of 255
-    and soft Dice against the probability map. A weaker check than the doctor folds: the labels are a model's."""
+    and soft Dice against the probability map. A weaker check than the doctor folds: the labels are a model's.
+    ``rewindow``: the slices are re-windowed per volume first, as in training with ``pseudo_rewindow``."""
     from PIL import Image
 
     from data_prep.datalists import make_datalist
+    from data_prep.lesion_slices import GreyLevelMap
     from monai_covid.crossval import per_image_scores
     from monai_covid.inference.lesion import segment_slices
 
-    items = make_datalist("ct_lesion_pseudo", data_dir, part="val")[::every]
+    items = make_datalist("ct_lesion_pseudo", data_dir, part="val", rewindow=rewindow)[::every]
     images = [np.asarray(Image.open(i["image"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
+    images = [GreyLevelMap(*i.get("grey_map", (1.0, 0.0)))(x) for i, x in zip(items, images)]
     soft = [np.asarray(Image.open(i["label"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
     preds = segment_slices(net, images, threshold=threshold)
     rows = []

@@ -48,3 +48,44 @@ def test_train_augmentation_crops_hit_lesion(shared_data):
         assert set(torch.unique(c["label"]).tolist()) <= {0.0, 1.0}
     # pos:neg = 1:1 centres, so lesion-centred crops contain lesion pixels
     assert sum(float(c["label"].sum()) > 0 for c in crops) >= 2
+
+
+def test_grey_level_map_array_and_dict() -> None:
+    from data_prep.lesion_slices import GreyLevelMap, GreyLevelMapd
+
+    x = torch.linspace(0, 1, 11)[None]
+    y = GreyLevelMap(2.0, -0.5)(x)
+    assert torch.allclose(y, (2 * x - 0.5).clamp(0, 1)) and float(y.min()) == 0.0 and float(y.max()) == 1.0
+    assert np.allclose(GreyLevelMap(0.5, 0.1)(x.numpy()), 0.5 * x.numpy() + 0.1)
+    assert GreyLevelMap()(x) is x  # identity
+    d = GreyLevelMapd("image")
+    assert torch.equal(d({"image": x})["image"], x)  # no grey_map: unchanged (doctor slices, inference)
+    assert torch.allclose(d({"image": x, "grey_map": [2.0, -0.5]})["image"], y)
+
+
+def test_pseudo_volumes_rewindowed_onto_the_doctor_grey_scale(shared_data) -> None:
+    """coronacases.org pseudo slices are exported with a wider window (darker); the per-volume map brings each
+    volume's middle grey percentiles onto the doctor slices' and leaves Radiopaedia's nearly as they are."""
+    from data_prep.lesion_slices import MATCH_PERCENTILES, _reference, grey_percentiles
+
+    items = make_datalist("ct_lesion_pseudo", shared_data, part="all", rewindow=True)
+    ref = _reference(str(shared_data), MATCH_PERCENTILES)
+    by_volume: dict = {}
+    for d in items:
+        by_volume.setdefault(d["volume"], []).append(d)
+    for volume, vol_items in by_volume.items():
+        assert len({tuple(d["grey_map"]) for d in vol_items}) == 1  # one map a volume
+    scales = {v: its[0]["grey_map"][0] for v, its in by_volume.items()}
+    corona = [s for v, s in scales.items() if "coronacases" in v]
+    radio = [s for v, s in scales.items() if "radiopaedia" in v]
+    assert corona and radio and min(corona) > 1.4 and all(0.7 < s < 1.3 for s in radio)
+    # one coronacases volume through the real pipeline: its middle percentiles move onto the reference's
+    vol = next(v for v in by_volume if "coronacases" in v)
+    sample = by_volume[vol][::4]
+    mapped = np.concatenate(
+        [Compose(load_transforms((256, 256), soft_label=True))(dict(d))["image"].numpy().ravel() for d in sample]
+    )
+    after = np.abs(np.percentile(255 * mapped, MATCH_PERCENTILES) - ref).mean()
+    before = np.abs(grey_percentiles([d["image"] for d in sample]) - ref).mean()
+    assert after < before / 3 and after < 25, (before, after)
+    assert "grey_map" not in make_datalist("ct_lesion_pseudo", shared_data, part="all")[0]  # off by default

@@ -169,8 +169,10 @@ def _workflow(repo_root, bundle_name, run_dir, **overrides):
         "output_dir": str(run_dir),
         "batch_size": 4,
         "max_epochs": 1,
-        "train_datalist": "$semi_supervised.training_items(@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats)[:8]",
-        "val_datalist": "$semi_supervised.validation_items(@stage, @dataset_dir, @fold, @n_folds)[:3]",
+        "train_datalist": "$semi_supervised.training_items(@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats, "
+        "@pseudo_rewindow)[:8]",
+        "val_datalist": "$semi_supervised.validation_items(@stage, @dataset_dir, @fold, @n_folds, "
+        "rewindow=@pseudo_rewindow)[:3]",
         **overrides,
     }
     wf = ConfigWorkflow(config_file=str(bundle / "configs" / "train.json"), workflow_type="train", **ov)
@@ -182,9 +184,12 @@ def _workflow(repo_root, bundle_name, run_dir, **overrides):
 def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path, bundle_name):
     """Both lesion bundles' train.json run the same scheme (one library, no copy): 2 iterations a stage."""
     data = str(shared_data)
-    pre = _workflow(repo_root, bundle_name, tmp_path / "pre", dataset_dir=data, stage="pretrain", fold=None)
+    pre = _workflow(
+        repo_root, bundle_name, tmp_path / "pre", dataset_dir=data, stage="pretrain", fold=None, pseudo_rewindow=True
+    )
     pre_items = pre.parser.get_parsed_content("train_datalist")
     assert all("pseudo_labelled" in d["image"] for d in pre_items)
+    assert all(len(d["grey_map"]) == 2 for d in pre_items)  # re-windowed per volume (train.json pseudo_rewindow)
     pre.run()
     pre.finalize()
     pre_ckpt = tmp_path / "pre" / "model_final.pt"
@@ -218,6 +223,6 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path, bun
     # the weaker check: the pre-trained network against held-out patients' pseudo-labels, on the inference path
     net = again.parser.get_parsed_content("network_def", instantiate=True)
     net.load_state_dict(pre_state)
-    rows = score_pseudo_holdout(net.eval(), data, every=60)
+    rows = score_pseudo_holdout(net.eval(), data, every=60, rewindow=True)
     assert len(rows) == 5 and {r["patient"] for r in rows} <= set(PSEUDO_HOLDOUT_PATIENTS)
     assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["soft_dice"] <= 1.0 for r in rows)
