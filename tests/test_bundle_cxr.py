@@ -85,6 +85,9 @@ def test_inference_outputs(shared_data, tmp_path, capfd):
     assert f"error: {src / 'broken.png'}" in err
     assert sorted(p.name for p in src.iterdir()) == before  # nothing written into the input folder
 
+    from monai_covid.cxr_detector import bundle_detector
+
+    det = bundle_detector(BUNDLE)
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image", "covid_probability", "covid_detected", "infected_area_percent"]
@@ -97,7 +100,10 @@ def test_inference_outputs(shared_data, tmp_path, capfd):
         seg, rgba = np.asarray(seg_im), np.asarray(map_im)
         assert set(np.unique(seg)) <= {0, 255}
         p = float(r["covid_probability"])
-        assert 0.0 <= p <= 1.0 and int(r["covid_detected"]) == int(p >= 0.5) == int(seg.max() == 255)
+        # the bundle's detector (inference.json "detector"): the calibrated map classifier when it ships one
+        assert 0.0 <= p <= 1.0 and int(r["covid_detected"]) == int(p >= det.threshold)
+        if det.rule == "paper":  # the paper's rule: COVID-19 exactly when a pixel is segmented
+            assert int(r["covid_detected"]) == int(seg.max() == 255)
         assert float(r["infected_area_percent"]) == pytest.approx(100 * (seg > 0).mean(), abs=0.01)
         assert (rgba[seg > 0, 3] == 255).all()  # every segmented pixel is shown on the map
         grey = rgba[rgba[..., 3] == 0, :3]
