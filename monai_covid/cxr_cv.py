@@ -67,11 +67,12 @@ COMMON: dict[str, Any] = {
 }
 #: the rows of the v3 table; ``max_epochs`` from the measured CPU seconds per step (bundle docs, "v3 plan")
 VARIANTS: dict[str, dict[str, Any]] = {
-    # InfectionUNet as shipped (growth 12, 24 stem features, decoder 64..8): 8.9 CPU min an epoch at 256 px
-    "slim": {"max_epochs": 12},
-    # the floor: stock MONAI UNet as its tutorials build it, 3.9 CPU min an epoch: the same CPU time as 12 slim epochs
+    # InfectionUNet as shipped (growth 12, 24 stem features, decoder 64..8): 2.4 s a training step at 256 px with the
+    # whole pipeline (1 thread, 2026-12-03 run), ~12 min an epoch of 2,448 X-rays; 10 epochs fit ~2 h
+    "slim": {"max_epochs": 10},
+    # the floor: stock MONAI UNet as its tutorials build it, 1.1 s a step in the same run: 20 epochs = the same time
     "unet": {
-        "max_epochs": 27,
+        "max_epochs": 20,
         "network_def": {
             "_target_": "UNet",
             "spatial_dims": 2,
