@@ -53,20 +53,24 @@ __all__ = [
     "main",
 ]
 
+#: the input of the rows run before the percentile rescale / histogram equalisation switches existed (the
+#: train.json defaults change with the shipped recipe; the rows keep what they were run with)
+_RAW_GREY: dict[str, Any] = {"percentile_norm": False, "hist_norm": False}
 #: per bundle folder: the variants of its grouped-CV table, as overrides of its train.json
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "covid_ct_slice_ctnet": {
         # paper augmentation + source augmentation (crop/zoom, intensity, blur, noise, JPEG) + label smoothing 0.1;
         # 12 epochs of one pass over the training folds (measured worse: not shipped)
-        "ctnet": {"epochs": 12, "augment_factor": 1, "source_augmentation": True},
+        "ctnet": {"epochs": 12, "augment_factor": 1, "source_augmentation": True, **_RAW_GREY},
         # the 0.1.0 augmentation (paper rotations and flips only, no label smoothing) on the same budget and folds:
-        # the shipped 0.2.0 recipe (train.json defaults)
-        "ctnet_paper": {"epochs": 12, "augment_factor": 1, "source_augmentation": False},
+        # no intensity normalisation (0.2.0 added the percentile rescale, 0.3.0 ships histogram equalisation)
+        "ctnet_paper": {"epochs": 12, "augment_factor": 1, "source_augmentation": False, **_RAW_GREY},
         # the stock MONAI floor: DenseNet121 with its usual Adam 1e-3, same data, folds, augmentation and CPU time
         # (it costs 2.4x CT-Net's time per image, so 5 epochs instead of 12)
         "densenet121": {
             "epochs": 5,
             "augment_factor": 1,
+            **_RAW_GREY,
             "source_augmentation": True,
             "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
             "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
@@ -75,11 +79,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "densenet121_paper": {
             "epochs": 5,
             "augment_factor": 1,
+            **_RAW_GREY,
             "source_augmentation": False,
             "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
             "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
         },
-        "ctnet_pctnorm": {"epochs": 12, "augment_factor": 1, "percentile_norm": True},
+        "ctnet_pctnorm": {"epochs": 12, "augment_factor": 1, "percentile_norm": True, "hist_norm": False},
         # per-image histogram equalisation (monai.transforms.HistogramNormalize): on SARS-CoV-2 alone, global grey
         # statistics separate the classes with no pathology in them (image std AUC 0.16, centre mean 0.77; bundle
         # docs), a shortcut that equalising every image's grey-value distribution removes; CT-Net and the floor
