@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "apply_platt",
     "best_f1_threshold",
     "binary_metrics",
+    "group_resamples",
     "group_bootstrap_ci",
     "reliability_bins",
     "train_fold",
@@ -162,6 +163,15 @@ def best_f1_threshold(labels: Sequence[int], probs: Sequence[float]) -> float:
     return float(max(scores)[2])
 
 
+def group_resamples(groups: Sequence[Any], n_boot: int = 2000, seed: int = 0) -> Iterator[np.ndarray]:
+    """``n_boot`` bootstrap index arrays, each drawing as many whole groups as there are, with replacement."""
+    g = np.asarray([str(v) for v in groups])
+    idx = [np.nonzero(g == u)[0] for u in np.unique(g)]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([idx[i] for i in rng.integers(0, len(idx), len(idx))])
+
+
 def group_bootstrap_ci(
     labels: Sequence[int],
     probs: Sequence[float],
@@ -174,13 +184,8 @@ def group_bootstrap_ci(
     """Percentile bootstrap ``(low, high)`` of ``metric(labels, probs)`` resampling whole groups with replacement."""
     y = np.asarray(labels)
     p = np.asarray(probs, dtype=np.float64)
-    g = np.asarray([str(v) for v in groups])
-    uniq = np.unique(g)
-    idx = [np.nonzero(g == u)[0] for u in uniq]
-    rng = np.random.default_rng(seed)
     vals = []
-    for _ in range(n_boot):
-        take = np.concatenate([idx[i] for i in rng.integers(0, len(uniq), len(uniq))])
+    for take in group_resamples(groups, n_boot, seed):
         if y[take].min() == y[take].max():
             continue  # one class only: AUC undefined
         v = metric(y[take], p[take])

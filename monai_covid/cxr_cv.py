@@ -353,14 +353,10 @@ def _group_bootstrap(
     test: Sequence[dict[str, Any]], p: np.ndarray, thr: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, tuple[float, float]]:
     """95 % percentile CI of every figure of :func:`_fold_row_metrics`, resampling whole near-duplicate groups."""
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(test):
-        groups.setdefault(str(r.get("group", i)), []).append(i)
-    idx = list(groups.values())
-    rng = np.random.default_rng(seed)
+    from monai_covid.classifier_cv import group_resamples
+
     vals: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        take = np.concatenate([idx[i] for i in rng.integers(0, len(idx), len(idx))])
+    for take in group_resamples([r.get("group", i) for i, r in enumerate(test)], n_boot, seed):
         for k, v in _fold_row_metrics([test[i] for i in take], p[take], thr[take]).items():
             if not np.isnan(v):
                 vals.setdefault(k, []).append(v)
