@@ -56,7 +56,7 @@ __all__ = [
 
 #: the input of the rows run before the percentile rescale / histogram equalisation switches existed (the
 #: train.json defaults change with the shipped recipe; the rows keep what they were run with)
-_RAW_GREY: dict[str, Any] = {"percentile_norm": False, "hist_norm": False}
+_RAW_GREY: dict[str, Any] = {"percentile_norm": False, "hist_norm": False, "lung_crop": False}
 #: per bundle folder: the variants of its grouped-CV table, as overrides of its train.json
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "covid_ct_slice_ctnet": {
@@ -85,17 +85,31 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
             "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
         },
-        "ctnet_pctnorm": {"epochs": 12, "augment_factor": 1, "percentile_norm": True, "hist_norm": False},
+        "ctnet_pctnorm": {"epochs": 12, "augment_factor": 1, "percentile_norm": True, "hist_norm": False, "lung_crop": False},
         # per-image histogram equalisation (monai.transforms.HistogramNormalize): on SARS-CoV-2 alone, global grey
         # statistics separate the classes with no pathology in them (image std AUC 0.16, centre mean 0.77; bundle
         # docs), a shortcut that equalising every image's grey-value distribution removes; CT-Net and the floor
-        "ctnet_histnorm": {"epochs": 12, "augment_factor": 1, "percentile_norm": False, "hist_norm": True},
+        "ctnet_histnorm": {"epochs": 12, "augment_factor": 1, "percentile_norm": False, "hist_norm": True, "lung_crop": False},
         "densenet121_histnorm": {
             "epochs": 5,
             "augment_factor": 1,
             "source_augmentation": False,
             "percentile_norm": False,
             "hist_norm": True,
+            "lung_crop": False,
+            "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
+            "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
+        },
+        # crop every image to its lung box before equalising (data_prep.slice_crop): the UCSD figures show the whole
+        # body, table and frame where the SARS-CoV-2 screenshots show the lungs only; CT-Net and the floor
+        "ctnet_lungcrop": {"epochs": 12, "augment_factor": 1, "percentile_norm": False, "hist_norm": True, "lung_crop": True},
+        "densenet121_lungcrop": {
+            "epochs": 5,
+            "augment_factor": 1,
+            "source_augmentation": False,
+            "percentile_norm": False,
+            "hist_norm": True,
+            "lung_crop": True,
             "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
             "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
         },
@@ -109,6 +123,8 @@ LABELS = {
     "densenet121_paper": "stock monai.networks.nets.DenseNet121, Adam 1e-3, paper rotations + flips",
     "ctnet_histnorm": "CT-Net, paper augmentation + per-image histogram equalisation",
     "densenet121_histnorm": "stock monai.networks.nets.DenseNet121, Adam 1e-3, paper augmentation + histogram equalisation",
+    "ctnet_lungcrop": "CT-Net, paper augmentation + lung-box crop + histogram equalisation",
+    "densenet121_lungcrop": "stock monai.networks.nets.DenseNet121, Adam 1e-3, paper augmentation + lung-box crop + histogram equalisation",
 }
 
 
