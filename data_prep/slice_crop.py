@@ -18,12 +18,17 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 
 import numpy as np
+import torch
 from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_data_type, convert_to_dst_type
 from scipy import ndimage as ndi
 
-__all__ = ["body_box_8bit", "lung_box_8bit", "LungCrop", "LungCropd"]
+__all__ = ["BOX_KEY", "body_box_8bit", "lung_box_8bit", "LungCrop", "LungCropd"]
+
+#: MetaTensor meta key of the crop box: tensor ``[y0, y1, x0, x1, H, W]`` (box and the original image size)
+BOX_KEY = "lung_crop_box"
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -100,6 +105,10 @@ class LungCrop(Transform):
         if isinstance(img, np.ndarray):
             return img[:, y0:y1, x0:x1]
         out, *_ = convert_to_dst_type(np.ascontiguousarray(arr[:, y0:y1, x0:x1]), dst=img)
+        if isinstance(out, MetaTensor):
+            # where the crop lies in the original image (y0, y1, x0, x1): heatmaps are pasted back there
+            # (monai_covid.explain.unletterbox); a tensor so that it collates and decollates with the batch
+            out.meta[BOX_KEY] = torch.tensor([y0, y1, x0, x1, arr.shape[1], arr.shape[2]])
         return out
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "minmax_normalize",
     "explain_batch",
     "unletterbox",
+    "crop_box",
     "overlay_heatmap",
     "ExplanationWriter",
     "SliceClassifier",
@@ -164,24 +165,40 @@ def explain_batch(
     return out
 
 
-def unletterbox(heatmap: np.ndarray | torch.Tensor, original_hw: Sequence[int]) -> np.ndarray:
+def unletterbox(
+    heatmap: np.ndarray | torch.Tensor, original_hw: Sequence[int], box: Sequence[int] | None = None
+) -> np.ndarray:
     """Map an ``(S, S)`` heatmap on the network input back to the original ``(H, W)`` image.
 
     The input was made by resizing the longest side to ``S`` (``monai.transforms.Resize(size_mode="longest")``)
     and padding symmetrically to ``S x S`` (``SpatialPad``); this crops the padding and resizes bilinearly.
+    ``box``: ``(y0, y1, x0, x1)`` when the image was first cropped to that box (``data_prep.slice_crop.LungCrop``):
+    the heatmap is mapped onto the box and is 0 outside it.
     """
     hm = torch.as_tensor(np.asarray(heatmap, dtype=np.float32) if not torch.is_tensor(heatmap) else heatmap)
     hm = hm.float().squeeze()
     if hm.ndim != 2 or hm.shape[0] != hm.shape[1]:
         raise ValueError(f"expected a square 2D heatmap, got shape {tuple(hm.shape)}")
     size = hm.shape[0]
-    h, w = int(original_hw[0]), int(original_hw[1])
+    full_h, full_w = int(original_hw[0]), int(original_hw[1])
+    y0, y1, x0, x1 = (0, full_h, 0, full_w) if box is None else (int(v) for v in box[:4])
+    h, w = y1 - y0, x1 - x0
     scale = size / max(h, w)
     rh, rw = int(round(h * scale)), int(round(w * scale))  # as monai.transforms.Resize computes it
     top, left = (size - rh) // 2, (size - rw) // 2  # as SpatialPad(method="symmetric")
     crop = hm[top : top + rh, left : left + rw]
-    full = F.interpolate(crop[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    part = F.interpolate(crop[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    full = torch.zeros((full_h, full_w), dtype=part.dtype)
+    full[y0:y1, x0:x1] = part
     return full.clamp(0, 1).cpu().numpy()
+
+
+def crop_box(image: Any) -> list[int] | None:
+    """The ``(y0, y1, x0, x1)`` crop box a preprocessed image carries (``data_prep.slice_crop.BOX_KEY``), or None."""
+    from data_prep.slice_crop import BOX_KEY
+
+    box = getattr(image, "meta", {}).get(BOX_KEY)
+    return None if box is None else [int(v) for v in torch.as_tensor(box).reshape(-1)[:4]]
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
@@ -289,8 +306,9 @@ class ExplanationWriter:
                 print(f"error: {name}: cannot re-read image for the overlay ({e}); skipped", file=sys.stderr)
                 continue
             stem = Path(name).stem
+            box = crop_box(items[i][self.image_key])
             for method, maps in heatmaps.items():
-                hm = unletterbox(maps[i, 0], original.shape)
+                hm = unletterbox(maps[i, 0], original.shape, box)
                 atomic_save_png(self.output_dir / f"{stem}_{method}.png", overlay_heatmap(original, hm))
 
     def write_csv(self, engine: Engine | None = None) -> Path:
@@ -334,10 +352,12 @@ class SliceClassifier:
         original = read_gray(path)
         if min(original.shape) < 8:
             raise ValueError(f"image is {original.shape[1]}x{original.shape[0]} pixels, smaller than 8")
-        x = torch.as_tensor(self.preprocessing({"image": str(path)})["image"]).float()[None].to(self.device)
+        image = self.preprocessing({"image": str(path)})["image"]
+        box = crop_box(image)
+        x = torch.as_tensor(image).float()[None].to(self.device)
         with torch.no_grad():
             logit = float(self.network(x).reshape(-1)[0])
         prob = float(torch.sigmoid(torch.tensor(self.calibration[0] * logit + self.calibration[1])))
         maps = explain_batch(self.network, x, target_layer=self.target_layer, methods=self.methods) if self.methods else {}
-        overlays = {m: overlay_heatmap(original, unletterbox(hm[0, 0], original.shape)) for m, hm in maps.items()}
+        overlays = {m: overlay_heatmap(original, unletterbox(hm[0, 0], original.shape, box)) for m, hm in maps.items()}
         return {"covid_probability": prob, "covid_label": int(prob >= self.threshold), "logit": logit, "overlays": overlays}
