@@ -40,6 +40,7 @@ __all__ = [
     "preprocess_volume",
     "preprocess_slice_8bit",
     "lung_mask_8bit",
+    "equalize_slices",
     "encode_volume",
     "predict_volume",
     "predict_volume_details",
@@ -160,6 +161,22 @@ def preprocess_slice_8bit(u8: np.ndarray, size: int = 128) -> torch.Tensor:
 
 
 @torch.no_grad()
+def equalize_slices(x: torch.Tensor, num_bins: int = 256) -> torch.Tensor:
+    """Per-slice histogram equalisation of the image channel of detector inputs ``(N, 2, s, s)`` (mask untouched).
+
+    Equalisation is invariant to any increasing grey map, so the display window a slice was exported with (the
+    2D sets put the lungs anywhere from grey 40 to 150) no longer tells the sources apart; what is left is the order
+    of grey values inside the slice. ``monai.transforms.HistogramNormalize`` on each slice, output in [0, 1].
+    """
+    from monai.transforms import HistogramNormalize
+
+    eq = HistogramNormalize(num_bins=num_bins, min=0.0, max=1.0)
+    out = x.clone()
+    for i in range(len(out)):
+        out[i, 0] = torch.as_tensor(eq(out[i, 0].float()), dtype=out.dtype)
+    return out
+
+
 def encode_volume(
     net: nn.Module,
     hu: np.ndarray,

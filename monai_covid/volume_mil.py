@@ -126,6 +126,14 @@ class SliceTable:
     def indices(self, groups: Iterable[str]) -> np.ndarray:
         return np.flatnonzero(np.isin(self.group, list(groups)))
 
+    def equalized(self) -> SliceTable:
+        """The same table with every slice's image histogram-equalised
+        (:func:`monai_covid.volume_detector.equalize_slices`)."""
+        from monai_covid.volume_detector import equalize_slices
+
+        return SliceTable(equalize_slices(self.x), self.label, self.eval_label, self.group, self.source, self.order,
+                          self.volume_label)
+
 
 def _read_gray(path: str | Path) -> np.ndarray:
     from PIL import Image

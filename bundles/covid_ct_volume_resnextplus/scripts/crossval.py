@@ -129,11 +129,16 @@ def main() -> None:
     ap.add_argument(
         "--real_volume_share", type=float, default=0.0, help="share of positive-volume bags from real HU series"
     )
+    ap.add_argument(
+        "--equalize", action="store_true", help="histogram-equalise every slice (SliceTable.equalized) before training"
+    )
     ap.add_argument("--name", default=None, help="result name for --final (default: final)")
     ap.add_argument("--save", default=None, help="fp16 weights path for --final")
     args = ap.parse_args()
     torch.set_num_threads(1)
     table = vm.SliceTable.load(args.cache)
+    if args.equalize:
+        table = table.equalized()
     out = Path(args.out) / args.model
     out.mkdir(parents=True, exist_ok=True)
     mil = args.model == "resnextplus"
