@@ -131,3 +131,25 @@ def test_real_volume_share_draws_real_series() -> None:
         drawn = {g for _ in range(60) for g in t2.group[bags.sample(rng, "pos_volume")[0]].tolist()} - {"normal", "neg2d"}
         assert drawn == expected
     assert vm.BagBuilder(t, np.arange(len(t))).real_pos == ["vol1"]
+
+
+def test_equalize_slices_removes_the_display_window() -> None:
+    """Two exports of one slice with different windows (an increasing grey map) equalise to the same image; the
+    lung-mask channel is untouched; a table's equalised copy keeps its labels and groups."""
+    from monai_covid.volume_detector import equalize_slices
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 64, 64, generator=g)
+    mask = (torch.rand(1, 64, 64, generator=g) > 0.5).float()
+    narrow = 0.2 + 0.3 * base  # a dark, low-contrast export
+    wide = base**0.5  # a bright one
+    x = torch.stack([torch.cat([narrow, mask]), torch.cat([wide, mask])])
+    eq = equalize_slices(x)
+    assert torch.equal(eq[:, 1], x[:, 1]) and not torch.equal(eq[:, 0], x[:, 0])
+    assert float((x[0, 0] - x[1, 0]).abs().mean()) > 0.15
+    assert float((eq[0, 0] - eq[1, 0]).abs().max()) < 0.02  # same grey order -> same equalised image
+    assert abs(float(eq[:, 0].mean()) - 0.5) < 0.02 and float(eq[:, 0].min()) >= 0 and float(eq[:, 0].max()) <= 1
+    table = vm.SliceTable(x.half(), [1, 0], [1, 0], ["a", "b"], ["pseudo", "cls"], [0, -1], {"a": 1})
+    t2 = table.equalized()
+    assert t2.x.dtype == torch.float16 and t2.group.tolist() == ["a", "b"] and t2.label.tolist() == [1, 0]
+    assert torch.allclose(t2.x[:, 0].float(), eq[:, 0], atol=2e-3)
