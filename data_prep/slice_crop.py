@@ -7,10 +7,10 @@ on one scale before resizing.
 
 Box: the bounding box of :func:`monai_covid.volume_detector.lung_mask_8bit`, mirrored left-right about the centre of
 the body (the mask sometimes finds one lung only, e.g. next to a dense consolidation), plus a margin, inside the
-image. When the mask is implausibly small (< ``min_lung_fraction`` of the image) or the lung box is (< ``min_box_fraction``
-of the image: a trachea or one lung base found alone; 4 of the 416 SARS-CoV-2 + UCSD val images) the body box is used,
-and when that fails the whole image (the crop is never empty). On the SARS-CoV-2 set (screenshots already cropped
-close to the lungs) the box keeps a median 97 % of the image; on UCSD val a median 73 %.
+image. When the mask is implausibly small (< ``min_lung_fraction`` of the image) or the lung box is (<
+``min_box_fraction`` of the image: a trachea or one lung base found alone; 4 of the 416 SARS-CoV-2 + UCSD val
+images) the body box is used, and when that fails the whole image (the crop is never empty). On the SARS-CoV-2 set
+(screenshots already cropped close to the lungs) the box keeps a median 97 % of the image; on UCSD val a median 75 %.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ class LungCropd(MapTransform):
 
     backend = LungCrop.backend
 
-    def __init__(self, keys: KeysCollection, scale: float = 255.0, margin: float = 0.05, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, scale: float = 255.0, margin: float = 0.05, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.cropper = LungCrop(scale=scale, margin=margin)
 
