@@ -1,6 +1,7 @@
 """CPU budget of the CXR infection-map v3 cross-validation (issue 19): seconds per training step, epochs per budget.
 
     OMP_NUM_THREADS=1 python benchmarks/cxr_v3_budget.py [--sizes 128 256] [--budget_h 2] [--json FILE]
+        [--channels_last]
 
 One step = forward, DiceFocalLoss, backward and an Adam update on a random batch of 8 (the v3 recipe,
 ``monai_covid.cxr_cv.COMMON``) for each row of the v3 table (``monai_covid.cxr_cv.VARIANTS``: the slim
@@ -8,6 +9,8 @@ InfectionUNet and the stock MONAI UNet floor), at each image size; plus the forw
 gradients) for scoring. Prints wall and CPU (process) seconds: on a shared machine the wall time depends on the
 other jobs, the CPU time much less. Epochs per budget = budget / (steps per epoch x CPU seconds per step), with
 2,448 training X-rays a fold (4 of the 5 grouped folds of the 3,060) and no per-epoch validation.
+A variant with ``channels_last: True`` (``slim_cl``) keeps its weights in channels-last memory order, as
+``train.json`` does with that key; ``--channels_last`` does so for every variant (does the floor gain too?).
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ def _network(variant: str) -> torch.nn.Module:
     return ConfigParser(cfg).get_parsed_content("network_def")
 
 
-def measure(variant: str, size: int, repeats: int = 3) -> dict[str, float]:
+def measure(variant: str, size: int, repeats: int = 3, channels_last: bool = False) -> dict[str, float]:
     from monai.losses import DiceFocalLoss
+
+    from monai_covid.cxr_cv import VARIANTS
 
     torch.manual_seed(0)
     net = _network(variant)
+    if channels_last or VARIANTS[variant].get("channels_last", False):
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     loss = DiceFocalLoss(sigmoid=True, batch=True, gamma=2.0, alpha=0.25)
     x, y = torch.rand(BATCH, 1, size, size), (torch.rand(BATCH, 1, size, size) > 0.8).float()
@@ -75,18 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget_h", type=float, default=2.0, help="CPU hours per (variant, fold) run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--channels_last", action="store_true", help="every variant's weights in channels-last order")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     steps = -(-TRAIN_PER_FOLD // BATCH)
     out = {}
     for size in a.sizes:
         for v in a.variants:
-            m = measure(v, size, a.repeats)
+            m = measure(v, size, a.repeats, a.channels_last)
             m["cpu_min_per_epoch"] = steps * m["cpu_s_per_step"] / 60
             m["epochs_in_budget"] = a.budget_h * 3600 / (steps * m["cpu_s_per_step"])
             out[f"{v}_{size}"] = m
             print(
-                f"{v:5s} {size:4d} px: {m['cpu_s_per_step']:.2f} CPU s/step ({m['wall_s_per_step']:.2f} wall), "
+                f"{v:7s} {size:4d} px: {m['cpu_s_per_step']:.2f} CPU s/step ({m['wall_s_per_step']:.2f} wall), "
                 f"{m['cpu_min_per_epoch']:.1f} CPU min/epoch of {TRAIN_PER_FOLD} X-rays, "
                 f"{m['epochs_in_budget']:.1f} epochs in {a.budget_h:g} h, "
                 f"{1000 * m['cpu_s_per_xray_inference']:.0f} CPU ms/X-ray inference",
