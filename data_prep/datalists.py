@@ -44,6 +44,8 @@ __all__ = [
     "ct_slices_cls_grouped_datalist",
     "ct_slices_ucsd_datalist",
     "ct_dicom_datalist",
+    "ct_slices_extra_datalist",
+    "CT_DISPLAY_WINDOW",
     "split_by_fold",
     "oversample",
     "write_datalist",
@@ -307,6 +309,79 @@ def ct_dicom_datalist(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
                 "group": series_id,
             }
         )
+    return items
+
+
+#: lung window (HU) of the 8-bit renders of the ``ct_dicom`` series for the slice classifier: width 1500, level -600
+CT_DISPLAY_WINDOW = (-1350.0, 150.0)
+
+
+def _render_series(series_dir: Path, out_dir: Path, window: tuple[float, float]) -> dict[int, Path]:
+    """Every slice of one DICOM series as an 8-bit PNG ``out_dir/<instance>.png`` (HU clipped to ``window``); files
+    already there are reused, new ones written atomically (temporary name, then rename). ``{instance number: png}``."""
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.io import read_dicom_series
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[int, Path] = {}
+    done = {int(p.stem): p for p in out_dir.glob("*.png") if p.stem.isdigit()}
+    n_expected = len([p for p in series_dir.iterdir() if p.is_file() and p.suffix.lower() == ".dcm"])
+    if len(done) >= n_expected > 0:
+        return done
+    vol = read_dicom_series(series_dir)
+    lo, hi = window
+    for z, inst in enumerate(vol.instance_numbers):
+        img = np.clip((np.asarray(vol.array[z], np.float32) - lo) / (hi - lo), 0.0, 1.0)
+        path = out_dir / f"{int(inst)}.png"
+        tmp = out_dir / f".{int(inst)}.{os.getpid()}.png"
+        Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(tmp)
+        os.replace(tmp, path)
+        out[int(inst)] = path
+    return out
+
+
+def ct_slices_extra_datalist(
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    pseudo_per_volume: int = 4,
+    window: tuple[float, float] = CT_DISPLAY_WINDOW,
+) -> list[dict[str, Any]]:
+    """A second training source for the COVID/non-COVID CT slice classifier (issue 20), never a validation item.
+
+    - COVID-19 (``label`` 1): the 50 doctor-labelled MedSeg slices (``ct_lesion_slices/train``), ``pseudo_per_volume``
+      evenly spaced slices of each of the 20 pseudo-labelled COVID-19 volumes (every one holds a lesion), and the
+      ``ct_dicom`` P001 slices with infection in ``slice_labels.csv``;
+    - non-COVID (``label`` 0): the P001 slices without infection and every slice of the normal series normal001.
+
+    The DICOM slices are rendered once to 8-bit PNG in ``window`` (HU) under ``cache_dir`` (default: the system
+    temporary folder; never inside ``data_dir``). ``group``: the volume (``ctmd:P001``, ``pseudo:<volume>``) or the
+    MedSeg slice (``medseg:<stem>``); ``fold`` -1 (training only). The keys are those of
+    :func:`ct_slices_cls_grouped_datalist`, so that the two lists batch together.
+    """
+    import tempfile
+
+    root = Path(data_dir)
+    items: list[dict[str, Any]] = []
+    for img in _images(root / "ct_lesion_slices" / "train" / "images"):
+        items.append({"image": str(img), "label": 1, "group": f"medseg:{img.stem}", "fold": -1})
+    by_volume: dict[str, list[Path]] = {}
+    for img in _images(root / "ct_lesion_slices" / "pseudo_labelled" / "images"):
+        by_volume.setdefault(pseudo_label_volume(img.name), []).append(img)
+    for volume, imgs in sorted(by_volume.items()):
+        imgs = sorted(imgs, key=lambda p: int(_PSEUDO_NAME.match(p.stem).group("slice")))
+        k = min(pseudo_per_volume, len(imgs))
+        for i in range(k):
+            img = imgs[(2 * i + 1) * len(imgs) // (2 * k)]
+            items.append({"image": str(img), "label": 1, "group": f"pseudo:{volume}", "fold": -1})
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "monai_covid_ct_slices_extra"
+    lo, hi = window
+    for d in ct_dicom_datalist(root):
+        pngs = _render_series(Path(d["image"]), cache / f"{d['series_id']}_{lo:g}_{hi:g}", window)
+        for inst, png in sorted(pngs.items()):
+            label = int(d["slice_labels"].get(inst, 0)) if d["label"] else 0
+            items.append({"image": str(png), "label": label, "group": f"ctmd:{d['series_id']}", "fold": -1})
     return items
 
 

@@ -113,6 +113,28 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
             "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
         },
+        # a second training source (data_prep.datalists.ct_slices_extra_datalist): 210 COVID-19 slices of MedSeg, the
+        # pseudo-labelled volumes and P001, 222 non-COVID slices of P001 and normal001, added to every training fold
+        # (never validated on); the shipped 0.4.0 input (lung crop + equalisation), CT-Net and the floor
+        "ctnet_extra": {
+            "epochs": 12,
+            "augment_factor": 1,
+            "percentile_norm": False,
+            "hist_norm": True,
+            "lung_crop": True,
+            "extra_source": True,
+        },
+        "densenet121_extra": {
+            "epochs": 5,
+            "augment_factor": 1,
+            "source_augmentation": False,
+            "percentile_norm": False,
+            "hist_norm": True,
+            "lung_crop": True,
+            "extra_source": True,
+            "network_def": {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 1, "out_channels": 1},
+            "optimizer": {"_target_": "torch.optim.Adam", "params": "$@network.parameters()", "lr": 0.001},
+        },
     }
 }
 LABELS = {
@@ -125,6 +147,8 @@ LABELS = {
     "densenet121_histnorm": "stock monai.networks.nets.DenseNet121, Adam 1e-3, paper augmentation + histogram equalisation",
     "ctnet_lungcrop": "CT-Net, paper augmentation + lung-box crop + histogram equalisation",
     "densenet121_lungcrop": "stock monai.networks.nets.DenseNet121, Adam 1e-3, paper augmentation + lung-box crop + histogram equalisation",
+    "ctnet_extra": "CT-Net, lung crop + equalisation, + second training source (MedSeg, pseudo volumes, COVID-CT-MD)",
+    "densenet121_extra": "stock monai.networks.nets.DenseNet121, Adam 1e-3, lung crop + equalisation, + second training source",
 }
 
 
