@@ -34,6 +34,31 @@ def test_shipped_weights_fp16_within_budget():
     assert floats and all(v.dtype == torch.float16 for v in floats)
 
 
+def test_channels_last_network_gives_the_same_map():
+    """inference.json keeps the weights in channels-last order on a CPU too (faster dense blocks); same output."""
+    from monai.bundle import ConfigParser
+
+    from monai_covid.inference.lesion import load_bundle_network
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    assert parser["channels_last"] is True
+    net = load_bundle_network(BUNDLE, "cpu")
+
+    def conv3x3(model):
+        convs = (m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        return next(m for m in convs if m.in_channels > 1 and m.kernel_size == (3, 3))
+
+    assert conv3x3(net).weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv3x3(net).weight.is_contiguous()
+    plain = load_bundle_network(BUNDLE, "cpu").to(memory_format=torch.contiguous_format)
+    assert conv3x3(plain).weight.is_contiguous()
+    x = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = net(x), plain(x)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
 def test_train_two_iterations(shared_data, tmp_path):
     wf = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),

@@ -62,7 +62,9 @@ def load_bundle_network(
     """The network of a bundle (``network_def`` of ``configs/inference.json``) with ``models/model.pt`` loaded.
 
     The weights are a plain state_dict (fp16 in the repo), read with ``weights_only=True`` and cast to float32.
-    Returns the network on ``device`` in eval mode (channels-last on CUDA, where convolutions are faster with AMP).
+    Returns the network on ``device`` in eval mode, its weights in channels-last memory order on CUDA (faster
+    convolutions with AMP) and wherever ``inference.json`` sets ``"channels_last": true`` (the CXR bundle: its
+    DenseNet blocks run 1.5x faster on a CPU that way, ``benchmarks/cxr_v3_budget.py``).
     """
     from monai.bundle import ConfigParser
 
@@ -79,7 +81,8 @@ def load_bundle_network(
     net.load_state_dict(state)
     device = torch.device(device)
     net = net.to(device).eval()
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    channels_last = bool(parser.get("channels_last", False)) or device.type == "cuda"
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def _softmax(net: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: bool, tta: bool) -> torch.Tensor:
