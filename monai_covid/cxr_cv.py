@@ -213,6 +213,8 @@ def score(
                 continue
             ov = run_overrides(v, k, data_dir, n_folds, every=every, extra=extra)
             net = load_run(bundle, run_dir, ov, "final")
+            if ov.get("channels_last", False):  # timed in the memory order it trains and is shipped in
+                net = net.to(memory_format=torch.channels_last)
             items = make_datalist(ov["datalist_name"], data_dir, fold=k, n_folds=n_folds, part="val")[:: max(every, 1)]
             for d in items:
                 image = read_xray(d["image"])
