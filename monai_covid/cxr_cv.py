@@ -50,6 +50,8 @@ __all__ = [
     "train_final",
     "score",
     "inner_split",
+    "attach_embeddings",
+    "choose_detector",
     "oof_detection",
     "fold_metrics",
     "report",
@@ -95,6 +97,11 @@ LABELS = {
     "unet": "stock MONAI UNet 16-256, 2 res units (floor)",
 }
 DETECTORS = ("paper", "logistic_image", "logistic_lung")
+#: detectors that also read the network's pooled encoder features (``score`` saves them per fold); reported when
+#: every scored X-ray has its embedding. ``auto`` chooses between ``logistic_image`` and ``logistic_embed`` by an
+#: inner 5-fold CV (log-loss, whole groups) on its own fitting rows.
+EMBED_DETECTORS = ("logistic_embed", "auto")
+AUTO_CANDIDATES = ("logistic_image", "logistic_embed")
 
 
 def _subsample_expr(part: str, every: int) -> str:
@@ -193,19 +200,23 @@ def score(
     """``WORK/<variant>/oof.csv``: per held-out X-ray the pixel counts at p >= 0.5 (against the infection mask, at
     the mask's size, through :func:`monai_covid.infection_map.predict_cxr` as in inference) and the detector features
     of the map over the whole image (``img_*``) and inside the data set's lung mask (``lung_*``); ``*_lung`` pixel
-    counts are those of the map cut to the lung mask (an upper bound for a predicted lung mask)."""
+    counts are those of the map cut to the lung mask (an upper bound for a predicted lung mask). Rows of folds
+    not scored in this call are kept. ``WORK/<variant>/fold<k>/oof_embed.npz``: the pooled encoder features of the
+    same forward passes (``image``, ``embedding`` ``(N, C)``, ``layer``;
+    :class:`monai_covid.cxr_detector.EmbeddingTap`).
+    """
     import torch
 
     from data_prep.datalists import make_datalist
     from monai_covid.crossval import load_run
-    from monai_covid.cxr_detector import map_features
+    from monai_covid.cxr_detector import EmbeddingTap, find_embedding_layer, map_features
     from monai_covid.infection_map import predict_cxr, read_mask, read_xray
     from monai_covid.io_utils import atomic_write_csv
 
     torch.set_num_threads(1)
     out = []
     for v in variants:
-        rows = []
+        rows = [r for r in _read_oof(work_dir / v) if int(r["fold"]) not in set(folds)]
         for k in folds:
             run_dir = work_dir / v / f"fold{k}"
             if not (run_dir / "model_final.pt").is_file():
@@ -216,11 +227,16 @@ def score(
             if ov.get("channels_last", False):  # timed in the memory order it trains and is shipped in
                 net = net.to(memory_format=torch.channels_last)
             items = make_datalist(ov["datalist_name"], data_dir, fold=k, n_folds=n_folds, part="val")[:: max(every, 1)]
+            layer = find_embedding_layer(net)
+            tap = EmbeddingTap(net, layer).attach()
+            names, embeddings = [], []
             for d in items:
                 image = read_xray(d["image"])
                 t0 = time.perf_counter()  # forward + sigmoid + resize back, one thread, file reading excluded
                 pr = predict_cxr(net, image, image_size=tuple(ov["image_size"]))["prob"]
                 ms = 1000 * (time.perf_counter() - t0)
+                names.append(Path(d["image"]).name)
+                embeddings.append(tap.value[0])
                 gt, lung = read_mask(d["label"]) > 0.5, read_mask(d["lung"])
                 hot = pr >= 0.5
                 row = {
@@ -243,10 +259,50 @@ def score(
                 row.update({f"img_{n}": f"{x:.6g}" for n, x in map_features(pr).items()})
                 row.update({f"lung_{n}": f"{x:.6g}" for n, x in map_features(pr, lung).items()})
                 rows.append(row)
+            tap.remove()
+            _save_embeddings(run_dir / "oof_embed.npz", names, np.stack(embeddings), layer)
             print(f"[cxr_cv] {v} fold {k}: {len(items)} X-rays scored", flush=True)
         if rows:
+            rows.sort(key=lambda r: int(r["fold"]))
             out.append(atomic_write_csv(work_dir / v / "oof.csv", rows, list(rows[0])))
     return out
+
+
+def _read_oof(variant_dir: Path) -> list[dict[str, Any]]:
+    path = variant_dir / "oof.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _save_embeddings(path: Path, names: Sequence[str], embeddings: np.ndarray, layer: str) -> Path:
+    import io
+
+    from monai_covid.io_utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, image=np.asarray(names), embedding=embeddings.astype(np.float32), layer=np.asarray(layer))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def attach_embeddings(rows: Sequence[dict[str, Any]], variant_dir: Path) -> bool:
+    """Add ``_embedding`` (``(C,)``) and ``_layer`` to every row from ``variant_dir/fold<k>/oof_embed.npz``; ``True``
+    when every row got one (the embedding detectors are then reported)."""
+    cache: dict[int, tuple[dict[str, np.ndarray], str]] = {}
+    for r in rows:
+        k = int(r["fold"])
+        if k not in cache:
+            path = variant_dir / f"fold{k}" / "oof_embed.npz"
+            if not path.is_file():
+                return False
+            z = np.load(path)
+            cache[k] = (dict(zip(z["image"].tolist(), z["embedding"])), str(z["layer"]))
+        table, layer = cache[k]
+        if r["image"] not in table:
+            return False
+        r["_embedding"], r["_layer"] = table[r["image"]], layer
+    return bool(rows)
 
 
 # -------------------------------------------------------------------------------------------------------- report
@@ -256,23 +312,61 @@ def _features(rows: Sequence[dict[str, Any]], prefix: str) -> list[dict[str, flo
     return [{n: float(r[f"{prefix}_{n}"]) for n in FEATURES} for r in rows]
 
 
+def _embeddings(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+    return np.stack([np.asarray(r["_embedding"], dtype=np.float64) for r in rows])
+
+
 def _detector(name: str, rows: Sequence[dict[str, Any]], min_specificity: float):
     from monai_covid.cxr_detector import CxrDetector
 
     if name == "paper":
         return CxrDetector.paper()
+    if name == "auto":
+        return choose_detector(rows, min_specificity)
     prefix = "lung" if name == "logistic_lung" else "img"
+    embed = name == "logistic_embed"
     return CxrDetector.fit(
         _features(rows, prefix),
         [int(r["covid"]) for r in rows],
         [r["class_name"] for r in rows],
         min_specificity=min_specificity,
         use_lung=prefix == "lung",
+        embeddings=_embeddings(rows) if embed else None,
+        embedding_layer=str(rows[0]["_layer"]) if embed else "",
     )
 
 
 def _probabilities(det, name: str, rows: Sequence[dict[str, Any]]) -> np.ndarray:
-    return det.probability(_features(rows, "lung" if name == "logistic_lung" else "img"))
+    emb = _embeddings(rows) if det.needs_embedding else None
+    return det.probability(_features(rows, "lung" if name == "logistic_lung" else "img"), emb)
+
+
+def choose_detector(
+    rows: Sequence[dict[str, Any]],
+    min_specificity: float,
+    candidates: Sequence[str] = AUTO_CANDIDATES,
+    n_inner: int = 5,
+):
+    """Detector ``auto``: each candidate's out-of-sub-fold probabilities over :func:`inner_split` sub-folds of
+    ``rows`` (whole groups), the one with the lowest mean log-loss refitted on all ``rows``; the choice and the
+    losses are kept in ``info["auto"]``. Sees nothing but ``rows``, so it can be nested in any held-out scoring."""
+    y = np.array([int(r["covid"]) for r in rows], dtype=np.float64)
+    sub = inner_split(rows, n_inner)
+    losses = {}
+    for name in candidates:
+        p = np.zeros(len(rows))
+        for j in range(n_inner):
+            fit_rows = [r for r, s in zip(rows, sub) if s != j]
+            idx = np.nonzero(sub == j)[0]
+            if not len(idx):
+                continue
+            p[idx] = _probabilities(_detector(name, fit_rows, min_specificity), name, [rows[i] for i in idx])
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        losses[name] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    best = min(candidates, key=lambda n: losses[n])
+    det = _detector(best, rows, min_specificity)
+    det.info["auto"] = {"chosen": best, "inner_log_loss": losses, "n_inner": n_inner}
+    return det
 
 
 def inner_split(rows: Sequence[dict[str, Any]], n_inner: int = 5) -> np.ndarray:
@@ -371,6 +465,10 @@ def _group_bootstrap(
     return {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in vals.items()}
 
 
+def _detectors(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    return DETECTORS + (EMBED_DETECTORS if rows and all("_embedding" in r for r in rows) else ())
+
+
 def fold_metrics(
     rows: Sequence[dict[str, Any]], min_specificity: float = 0.98, n_boot: int = 0
 ) -> list[dict[str, Any]]:
@@ -383,7 +481,7 @@ def fold_metrics(
     for k in folds:
         test = [r for r in rows if int(r["fold"]) == k]
         rest = [r for r in rows if int(r["fold"]) != k]
-        for name in DETECTORS:
+        for name in _detectors(rows):
             pool = rest or test
             if name != "paper" and len({int(r["covid"]) for r in pool}) < 2:
                 continue
@@ -454,15 +552,15 @@ def report(
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     single = False
     for v in variants:
-        with open(work_dir / v / "oof.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read_oof(work_dir / v)
+        attach_embeddings(rows, work_dir / v)
         folds = sorted({int(r["fold"]) for r in rows})
         single = len(folds) == 1
         boot = (1000 if single else 0) if n_boot is None else n_boot
         per_fold = fold_metrics(rows, min_specificity, n_boot=boot)
         summary["variants"][v] = {"per_fold": per_fold, "n": len(rows)}
         det_rows = [{k: r[k] for k in ("fold", "image", "group", "class_name", "covid")} for r in rows]
-        for name in DETECTORS:
+        for name in _detectors(rows):
             fr = [m for m in per_fold if m["detector"] == name]
             for m in fr:
                 lines.append(
@@ -477,7 +575,10 @@ def report(
                     + " |"
                 )
             if name != "paper" and len({int(r["covid"]) for r in rows}) == 2:
-                _detector(name, rows, min_specificity).save(work_dir / v / f"detector_{name}.json")
+                det = _detector(name, rows, min_specificity)
+                det.save(work_dir / v / f"detector_{name}.json")
+                if "auto" in det.info:  # what the detector fitted on every scored X-ray (the one to ship) chose
+                    summary["variants"][v]["auto_on_all"] = det.info["auto"]
             # out-of-fold probabilities of the nested (or cross-fitted) detectors, for the curves and examples
             y, p = [], []
             at = {}

@@ -23,6 +23,15 @@ calibrated ``covid_probability``, and picks its threshold on those same training
 ``min_specificity``). ``rule="paper"`` keeps the paper's rule (``covid_probability`` = max p, threshold 0.5).
 A detector is stored as a small JSON file (:meth:`CxrDetector.save` / :meth:`CxrDetector.load`).
 
+**Encoder embedding (issue 19, "a classification head on the encoder").** ``CxrDetector.fit(..., embeddings=E)``
+adds the first ``n_components`` principal components of the network's global-average-pooled bottleneck features
+(``E``: ``(N, C)``, one row per X-ray, PCA fitted on the fitting rows only) as features ``emb_0``, ``emb_1``, ... beside
+the map features, so the logistic head reads the encoder too (fitted post hoc on out-of-fold X-rays, the network
+unchanged). :func:`find_embedding_layer` names the module whose output is pooled (the widest module that runs at the
+network's smallest spatial size: the DenseNet encoder's output in ``InfectionUNet``, the bottom skip block in MONAI's
+``UNet``), stored in the detector as ``embedding_layer``; :class:`EmbeddingTap` (a forward hook) collects the pooled
+features during the ordinary forward pass of inference, so the map costs nothing extra.
+
 Shapes: probability maps and lung masks are ``(H, W)`` arrays or ``(1, H, W)`` tensors, values in [0, 1].
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,13 +58,97 @@ __all__ = [
     "choose_threshold",
     "CxrDetector",
     "bundle_detector",
+    "find_embedding_layer",
+    "EmbeddingTap",
+    "EMBED_PREFIX",
 ]
 
 #: every feature :func:`map_features` returns, in a fixed order
 FEATURES: tuple[str, ...] = ("max_prob", "area", "mean_prob", "q99_prob", "bilateral")
 #: features of the default detector (all of them; the CV driver reports each detector it fits)
 DEFAULT_FEATURES: tuple[str, ...] = FEATURES
+#: name prefix of the embedding features (principal components of the pooled encoder output)
+EMBED_PREFIX = "emb_"
 _EPS = 1e-4
+
+
+def find_embedding_layer(net: torch.nn.Module, image_size: Sequence[int] = (64, 64)) -> str:
+    """Name (for ``net.get_submodule``) of the bottleneck whose global average :class:`EmbeddingTap` keeps: among the
+    modules whose output has the smallest spatial size in a forward pass of a zero image ``(1, C_in, *image_size)``,
+    the last one with the most channels (so not a decoder's first 1x1 reduction).
+
+    ``C_in`` is read from the first convolution weight. Works for any network whose modules are called in its
+    forward (``InfectionUNet``: ``encoder_act``, the DenseNet encoder's output; MONAI ``UNet``: the bottom
+    ``SkipConnection``).
+    """
+    weight = next(p for p in net.parameters() if p.ndim == len(image_size) + 2)
+    seen: list[tuple[str, int, int]] = []
+    hooks = []
+    for name, mod in net.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _i, out, name=name):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(out, torch.Tensor) and out.ndim == len(image_size) + 2:
+                seen.append((name, int(np.prod(out.shape[2:])), int(out.shape[1])))
+
+        hooks.append(mod.register_forward_hook(hook))
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, weight.shape[1], *image_size, dtype=weight.dtype, device=weight.device))
+    finally:
+        net.train(was_training)
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise ValueError("no module of the network returned a feature map")
+    smallest = min(n for _, n, _ in seen)
+    widest = max(c for _, n, c in seen if n == smallest)
+    return [name for name, n, c in seen if n == smallest and c == widest][-1]
+
+
+class EmbeddingTap:
+    """Forward hook on ``net.get_submodule(layer)`` that keeps the global average of its output, ``(B, C)`` float32
+    numpy in :attr:`value` (per thread: concurrent inferences in other threads do not overwrite it).
+
+    Use as a context manager around a forward pass, or :meth:`attach` once to a network that inference runs (the
+    bundle's evaluator, MONAI Label) and read :attr:`value` after each forward."""
+
+    def __init__(self, net: torch.nn.Module, layer: str) -> None:
+        self.module = net.get_submodule(layer) if layer else net
+        self._local = threading.local()
+        self._handle = None
+
+    @property
+    def value(self) -> np.ndarray | None:
+        return getattr(self._local, "value", None)
+
+    def clear(self) -> None:
+        self._local.value = None
+
+    def _hook(self, _module, _inputs, out) -> None:
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        self._local.value = out.detach().float().mean(dim=tuple(range(2, out.ndim))).cpu().numpy()
+
+    def attach(self) -> EmbeddingTap:
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> EmbeddingTap:
+        self.clear()
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def map_features(
@@ -87,7 +181,10 @@ def map_features(
 
 
 def _transform(name: str, values: np.ndarray) -> np.ndarray:
-    """Feature value -> model input: logit of a probability, log of an area share (both monotone increasing)."""
+    """Feature value -> model input: logit of a probability, log of an area share (both monotone increasing); an
+    embedding component as it is."""
+    if name.startswith(EMBED_PREFIX):
+        return np.asarray(values, dtype=np.float64)
     v = np.clip(np.asarray(values, dtype=np.float64), _EPS, 1.0 - _EPS)
     return np.log(v / (1.0 - v)) if name.endswith("_prob") else np.log(v)
 
@@ -173,12 +270,16 @@ class CxrDetector:
     threshold: float = 0.5
     use_lung: bool = False
     map_threshold: float = 0.5
+    embedding_layer: str = ""
+    embedding_mean: list[float] = field(default_factory=list)
+    embedding_components: list[list[float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rule not in ("logistic", "paper"):
             raise ValueError(f"rule must be 'logistic' or 'paper', got {self.rule!r}")
-        unknown = set(self.features) - set(FEATURES)
+        emb = {f"{EMBED_PREFIX}{i}" for i in range(len(self.embedding_components))}
+        unknown = set(self.features) - set(FEATURES) - emb
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; choose from {FEATURES}")
         self.features = tuple(self.features)
@@ -199,39 +300,88 @@ class CxrDetector:
         min_specificity: float = 0.98,
         use_lung: bool = False,
         l2: float = 1e-2,
+        embeddings: np.ndarray | None = None,
+        n_components: int = 16,
+        embedding_layer: str = "",
     ) -> CxrDetector:
-        """Fit on feature rows (:func:`map_features` of out-of-fold maps) of training folds, threshold included."""
+        """Fit on feature rows (:func:`map_features` of out-of-fold maps) of training folds, threshold included.
+
+        ``embeddings`` ``(N, C)``: the pooled encoder features of the same X-rays (:class:`EmbeddingTap` on
+        ``embedding_layer``); their first ``n_components`` principal components (fitted here) join the features."""
         det = cls(rule="logistic", features=tuple(features), use_lung=use_lung)
-        Z = det._design(rows, standardise=False)
+        if embeddings is not None:
+            E = np.asarray(embeddings, dtype=np.float64)
+            if E.ndim != 2 or len(E) != len(rows):
+                raise ValueError(f"embeddings must be (N, C) with N = {len(rows)} rows, got {E.shape}")
+            if not embedding_layer:
+                raise ValueError("name the embedding_layer the embeddings were pooled from")
+            mean = E.mean(axis=0)
+            k = int(min(n_components, E.shape[1], len(E) - 1))
+            _, _, vt = np.linalg.svd(E - mean, full_matrices=False)
+            det.embedding_layer = embedding_layer
+            det.embedding_mean, det.embedding_components = mean.tolist(), vt[:k].tolist()
+            det.features = tuple(features) + tuple(f"{EMBED_PREFIX}{i}" for i in range(k))
+        design_rows = det._with_embedding(rows, embeddings)
+        Z = det._design(design_rows, standardise=False)
         det.mean = Z.mean(axis=0).tolist()
         det.scale = np.where(Z.std(axis=0) > 1e-12, Z.std(axis=0), 1.0).tolist()
-        w, b = fit_logistic(det._design(rows), labels, l2=l2)
+        w, b = fit_logistic(det._design(design_rows), labels, l2=l2)
         det.weights, det.bias = w.tolist(), b
-        det.threshold = choose_threshold(det.probability(rows), labels, classes, min_specificity)
+        det.threshold = choose_threshold(det.probability(rows, embeddings), labels, classes, min_specificity)
         det.info = {"n": len(labels), "positives": int(np.sum(labels)), "min_specificity": min_specificity, "l2": l2}
         return det
+
+    @property
+    def needs_embedding(self) -> bool:
+        """Whether :meth:`probability` / ``__call__`` need the pooled encoder features (``embedding_layer``)."""
+        return bool(self.embedding_components)
+
+    def _with_embedding(
+        self, rows: Sequence[Mapping[str, float]], embeddings: np.ndarray | None
+    ) -> Sequence[Mapping[str, float]]:
+        """``rows`` with the embedding components ``emb_i`` added (unchanged when the detector reads none)."""
+        if not self.needs_embedding:
+            return rows
+        if embeddings is None:
+            raise ValueError(
+                f"this detector reads the network's pooled '{self.embedding_layer}' features: pass the embedding "
+                "(monai_covid.cxr_detector.EmbeddingTap)"
+            )
+        E = np.asarray(embeddings, dtype=np.float64).reshape(len(rows), -1)
+        comps = np.asarray(self.embedding_components)
+        if E.shape[1] != comps.shape[1]:
+            raise ValueError(f"embedding has {E.shape[1]} features, the detector was fitted on {comps.shape[1]}")
+        Z = (E - np.asarray(self.embedding_mean)) @ comps.T
+        return [{**r, **{f"{EMBED_PREFIX}{i}": float(z) for i, z in enumerate(zi)}} for r, zi in zip(rows, Z)]
 
     # ----------------------------------------------------------------------------------------------- scoring
     def _design(self, rows: Sequence[Mapping[str, float]], standardise: bool = True) -> np.ndarray:
         Z = np.stack([_transform(f, np.array([r[f] for r in rows], dtype=np.float64)) for f in self.features], 1)
         return (Z - np.asarray(self.mean)) / np.asarray(self.scale) if standardise else Z
 
-    def probability(self, rows: Sequence[Mapping[str, float]]) -> np.ndarray:
-        """``covid_probability`` of each feature row (calibrated for ``rule="logistic"``, max p for the paper)."""
+    def probability(self, rows: Sequence[Mapping[str, float]], embeddings: np.ndarray | None = None) -> np.ndarray:
+        """``covid_probability`` of each feature row (calibrated for ``rule="logistic"``, max p for the paper);
+        ``embeddings`` ``(N, C)`` when the detector reads the encoder (:attr:`needs_embedding`)."""
         if self.rule == "paper":
             return np.array([float(r["max_prob"]) for r in rows])
         if not self.weights:
             raise ValueError("this detector is not fitted (no weights); fit it or use CxrDetector.paper()")
+        rows = self._with_embedding(rows, embeddings)
         return _sigmoid(self._design(rows) @ np.asarray(self.weights) + self.bias)
 
     def __call__(
-        self, prob: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor | None = None
+        self,
+        prob: np.ndarray | torch.Tensor,
+        lung: np.ndarray | torch.Tensor | None = None,
+        embedding: np.ndarray | torch.Tensor | None = None,
     ) -> dict[str, Any]:
-        """``covid_probability``, ``covid_detected`` (and the features) of one probability map."""
+        """``covid_probability``, ``covid_detected`` (and the map features) of one probability map; ``embedding``
+        ``(C,)``: the pooled encoder features of the same forward pass, when :attr:`needs_embedding`."""
         if self.use_lung and lung is None:
             raise ValueError("this detector was fitted on lung-restricted features: pass a lung mask")
         feats = map_features(prob, lung if self.use_lung else None, self.map_threshold)
-        pr = float(self.probability([feats])[0])
+        emb = None if embedding is None else np.asarray(torch.as_tensor(embedding).float().cpu()).reshape(1, -1)
+        pr = float(self.probability([feats], emb)[0])
         return {"covid_probability": pr, "covid_detected": bool(pr >= self.threshold), **feats}
 
     # -------------------------------------------------------------------------------------------------- I/O

@@ -149,6 +149,7 @@ class SegmentationDetectionReport:
 
             detector = detector if isinstance(detector, CxrDetector) else CxrDetector.load(detector)
         self.detector = detector
+        self._tap = None
         self.reset()
 
     def reset(self, engine=None) -> None:
@@ -159,9 +160,18 @@ class SegmentationDetectionReport:
         self._t0 = 0.0
         self.result: dict[str, Any] = {}
 
+    def _attach_tap(self, engine) -> None:
+        from monai_covid.cxr_detector import EmbeddingTap
+
+        if self._tap is None:
+            self._tap = EmbeddingTap(engine.network, self.detector.embedding_layer).attach()
+
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
+        if self.detector is not None and self.detector.needs_embedding:  # it reads the encoder too: pool each pass
+            # a MONAI evaluator attaches its handlers before it sets ``engine.network``: hook it when the run starts
+            engine.add_event_handler(Events.STARTED, self._attach_tap)
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
@@ -170,15 +180,25 @@ class SegmentationDetectionReport:
     def _start(self, engine) -> None:
         self._t0 = time.perf_counter()
 
-    def update(self, prob: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, positive: int | bool) -> None:
-        """Add one image."""
+    def update(
+        self,
+        prob: np.ndarray | torch.Tensor,
+        label: np.ndarray | torch.Tensor,
+        positive: int | bool,
+        embedding: np.ndarray | None = None,
+    ) -> None:
+        """Add one image (``embedding``: its pooled encoder features, for a detector that reads them)."""
         if isinstance(prob, torch.Tensor):
             prob = prob.detach().cpu().float().numpy()
         pred = np.asarray(prob) >= self.threshold
         positive = bool(int(positive))
         if positive:
             self.pixel += binary_counts(pred, label)
-        called = bool(pred.any()) if self.detector is None else bool(self.detector(prob)["covid_detected"])
+        called = (
+            bool(pred.any())
+            if self.detector is None
+            else bool(self.detector(prob, embedding=embedding)["covid_detected"])
+        )
         self.image += binary_counts([called], [positive])
         self.n_images += 1
 
@@ -187,12 +207,14 @@ class SegmentationDetectionReport:
         outputs, batch = engine.state.output, engine.state.batch
         outputs = outputs if isinstance(outputs, Sequence) else [outputs]
         batch = batch if isinstance(batch, Sequence) else [batch]
-        for item, data in zip(outputs, batch):
+        embeddings = self._tap.value if self._tap is not None else None
+        for i, (item, data) in enumerate(zip(outputs, batch)):
             # MONAI engines keep only image/label/pred in the output; other keys stay in the (decollated) batch
             positive = item[self.positive_key] if self.positive_key in item else data[self.positive_key]
             if isinstance(positive, torch.Tensor):
                 positive = int(positive.reshape(-1)[0].item())
-            self.update(item[self.pred_key], item[self.label_key], positive)
+            emb = embeddings[i] if embeddings is not None else None
+            self.update(item[self.pred_key], item[self.label_key], positive, emb)
 
     def compute(self) -> dict[str, Any]:
         self.result = {

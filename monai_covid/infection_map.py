@@ -281,7 +281,9 @@ class InfectionMapWriter:
 
     ``detector``: ``None`` (default) applies the paper's rule (``covid_probability`` = max p, detected when it is
     ``>= threshold``); a :class:`monai_covid.cxr_detector.CxrDetector` or the path of its JSON file gives the
-    calibrated ``covid_probability`` and its own threshold (issue 19; fitted on out-of-fold training maps).
+    calibrated ``covid_probability`` and its own threshold (issue 19; fitted on out-of-fold training maps). A detector
+    that also reads the network's pooled encoder features (``needs_embedding``) gets them from a forward hook that
+    :meth:`attach` puts on ``engine.network`` (:class:`monai_covid.cxr_detector.EmbeddingTap`).
     """
 
     CSV_COLUMNS = ("image", "covid_probability", "covid_detected", "infected_area_percent")
@@ -308,9 +310,20 @@ class InfectionMapWriter:
         self.threshold, self.zero_below, self.csv_name = threshold, zero_below, csv_name
         self.rows: list[dict[str, Any]] = []
         self._stems: set[str] = set()
+        self._tap = None
+
+    def _attach_tap(self, engine) -> None:
+        from monai_covid.cxr_detector import EmbeddingTap
+
+        if self._tap is None:
+            self._tap = EmbeddingTap(engine.network, self.detector.embedding_layer).attach()
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
+
+        if self.detector is not None and self.detector.needs_embedding:  # it reads the encoder too: pool each pass
+            # a MONAI evaluator attaches its handlers before it sets ``engine.network``: hook it when the run starts
+            engine.add_event_handler(Events.STARTED, self._attach_tap)
 
         engine.add_event_handler(Events.STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._write_items)
@@ -326,8 +339,15 @@ class InfectionMapWriter:
         self._stems.add(stem)
         return stem
 
-    def write_one(self, prob: np.ndarray | torch.Tensor, image: np.ndarray | torch.Tensor, source: str) -> dict:
-        """Write the two PNGs of one X-ray and return its CSV row."""
+    def write_one(
+        self,
+        prob: np.ndarray | torch.Tensor,
+        image: np.ndarray | torch.Tensor,
+        source: str,
+        embedding: np.ndarray | None = None,
+    ) -> dict:
+        """Write the two PNGs of one X-ray and return its CSV row (``embedding``: its pooled encoder features, for a
+        detector that reads them)."""
         from monai_covid.io_utils import atomic_save_png
 
         p = _as_2d(prob)
@@ -337,7 +357,7 @@ class InfectionMapWriter:
         if self.detector is None:
             prob_covid, detected = covid_probability(p), covid_detected(p, self.threshold)
         else:
-            res = self.detector(p)
+            res = self.detector(p, embedding=embedding)
             prob_covid, detected = res["covid_probability"], res["covid_detected"]
         row = {
             "image": Path(source).name,
@@ -352,12 +372,14 @@ class InfectionMapWriter:
         outputs, batch = engine.state.output, engine.state.batch
         outputs = outputs if isinstance(outputs, Sequence) else [outputs]
         batch = batch if isinstance(batch, Sequence) else [batch]
-        for item, data in zip(outputs, batch):
+        embeddings = self._tap.value if self._tap is not None else None  # (B, C) of this iteration's forward
+        for i, (item, data) in enumerate(zip(outputs, batch)):
             # MONAI engines keep only image/label/pred in the output; other keys stay in the (decollated) batch
             pred = item[self.pred_key] if self.pred_key in item else data[self.pred_key]
             image = item[self.image_key] if self.image_key in item else data[self.image_key]
             meta = getattr(image, "meta", None) or getattr(pred, "meta", {})
-            self.write_one(pred, image, str(meta.get("filename_or_obj", f"image{len(self.rows)}")))
+            emb = embeddings[i] if embeddings is not None else None
+            self.write_one(pred, image, str(meta.get("filename_or_obj", f"image{len(self.rows)}")), emb)
 
     def _write_csv(self, engine=None) -> None:
         from monai_covid.io_utils import atomic_write_csv
@@ -381,7 +403,8 @@ def predict_cxr(
     Resized to ``image_size`` (bilinear, anti-aliased), sigmoid, probability resized back to ``(H, W)``. Returns
     ``prob`` (float32 ``(H, W)``), ``seg`` (uint8 0/255), ``map`` (RGBA uint8, :func:`infection_map`),
     ``covid_probability``, ``covid_detected`` and ``infected_area_percent``; ``detector`` (a
-    :class:`monai_covid.cxr_detector.CxrDetector` or its JSON path) replaces the paper's rule for the two COVID keys.
+    :class:`monai_covid.cxr_detector.CxrDetector` or its JSON path) replaces the paper's rule for the two COVID keys
+    (a detector that reads the encoder gets its pooled features from the same forward pass).
     """
     import torch.nn.functional as F
     from monai.transforms import Resize
@@ -391,14 +414,24 @@ def predict_cxr(
         raise ValueError(f"predict_cxr expects one (H, W) image, got shape {img.shape}")
     x = Resize(spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True)(torch.from_numpy(img)[None])
     x = torch.as_tensor(x).float()[None].to(device)
-    with torch.no_grad():
-        p = torch.sigmoid(net(x).float())
-    prob = F.interpolate(p, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    det = None
     if detector is not None:
         from monai_covid.cxr_detector import CxrDetector
 
         det = detector if isinstance(detector, CxrDetector) else CxrDetector.load(detector)
-        res = det(prob)
+    embedding = None
+    with torch.no_grad():
+        if det is not None and det.needs_embedding:  # the detector also reads the encoder: pool it in this pass
+            from monai_covid.cxr_detector import EmbeddingTap
+
+            with EmbeddingTap(net, det.embedding_layer) as tap:
+                p = torch.sigmoid(net(x).float())
+            embedding = tap.value[0]
+        else:
+            p = torch.sigmoid(net(x).float())
+    prob = F.interpolate(p, size=img.shape, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+    if det is not None:
+        res = det(prob, embedding=embedding)
         covid = {"covid_probability": res["covid_probability"], "covid_detected": res["covid_detected"]}
     else:
         covid = {"covid_probability": covid_probability(prob), "covid_detected": covid_detected(prob, threshold)}

@@ -112,7 +112,11 @@ def test_inference_outputs(shared_data, tmp_path, capfd):
 
     from monai_covid.cxr_detector import bundle_detector
 
+    from monai_covid.inference.lesion import load_bundle_network
+    from monai_covid.infection_map import predict_cxr, read_xray
+
     det = bundle_detector(BUNDLE)
+    net = load_bundle_network(BUNDLE, "cpu")
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image", "covid_probability", "covid_detected", "infected_area_percent"]
@@ -129,6 +133,10 @@ def test_inference_outputs(shared_data, tmp_path, capfd):
         assert 0.0 <= p <= 1.0 and int(r["covid_detected"]) == int(p >= det.threshold)
         if det.rule == "paper":  # the paper's rule: COVID-19 exactly when a pixel is segmented
             assert int(r["covid_detected"]) == int(seg.max() == 255)
+        # the same call as monai-covid infer's path (predict_cxr), whose detector may also read the encoder's pooled
+        # features: the bundle's evaluator hands it those of its own forward pass
+        want = predict_cxr(net, read_xray(src / r["image"]), detector=det)["covid_probability"]
+        assert p == pytest.approx(want, abs=2e-3)
         assert float(r["infected_area_percent"]) == pytest.approx(100 * (seg > 0).mean(), abs=0.01)
         assert (rgba[seg > 0, 3] == 255).all()  # every segmented pixel is shown on the map
         grey = rgba[rgba[..., 3] == 0, :3]

@@ -252,3 +252,13 @@ def test_cxr_infection(server, shared_data, studies, tmp_path):
     assert res["covid_detector"] == bundle_detector(CXR_BUNDLE.parents[1]).rule
     assert res["covid_detected"] == (res["covid_probability"] >= res["covid_threshold"])
     assert res["infected_area_percent"] == pytest.approx(100.0 * mask.mean(), abs=0.01)
+    # the same call as the core's predict_cxr (whose detector may also read the encoder's pooled features: the
+    # server must hand it the embedding of its own forward pass)
+    from monai_covid.inference.lesion import load_bundle_network
+    from monai_covid.infection_map import predict_cxr, read_xray
+
+    bundle = CXR_BUNDLE.parents[1]
+    want = predict_cxr(
+        load_bundle_network(bundle, "cpu"), read_xray(studies / f"{CXR_ID}.png"), detector=bundle_detector(bundle)
+    )
+    assert res["covid_probability"] == pytest.approx(want["covid_probability"], abs=0.02)

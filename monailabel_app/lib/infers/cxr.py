@@ -9,7 +9,9 @@ size) are plain MONAI transforms on ``image``. Added around them:
 - ``Invertd`` already restores the input size, so MONAI Label's ``Restored`` is not appended;
 - post-processing adds the bundle's COVID-19 detector to the JSON (``detector`` of ``inference.json``, read by
   :func:`monai_covid.cxr_detector.bundle_detector`: the calibrated map classifier when the bundle ships one, else
-  the paper's rule, any pixel >= ``threshold``) and thresholds the map into label ``infection`` = 1;
+  the paper's rule, any pixel >= ``threshold``; a detector that also reads the encoder gets its pooled features from
+  a forward hook on the network, :class:`monai_covid.cxr_detector.EmbeddingTap`) and thresholds the map into label
+  ``infection`` = 1;
 - the label is written as a PNG of the X-ray's size (values 0/1), as the input is a 2D PNG/JPEG.
 
 DICOM X-rays are not served here: the core reads their pixels with ``pydicom.pixels`` (pydicom >= 3), and MONAI
@@ -39,11 +41,19 @@ class InfectionCalld:
     """Post-transform: ``data["pred"]`` (probability ``(1, H, W)``) -> uint8 ``(H, W)`` mask, and the COVID-19 call,
     the highest probability and the infected area in ``data["result"]``."""
 
-    def __init__(self, threshold: float = 0.5, key: str = "pred", result: str = "result", detector: Any = None) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.5,
+        key: str = "pred",
+        result: str = "result",
+        detector: Any = None,
+        embedding_key: str = "covid_embedding",
+    ) -> None:
         self.threshold = threshold
         self.key = key
         self.result = result
         self.detector = detector
+        self.embedding_key = embedding_key
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         from monai_covid.infection_map import covid_detected, covid_probability, infected_area_percent
@@ -52,8 +62,10 @@ class InfectionCalld:
         prob = torch.as_tensor(d[self.key]).detach().float().cpu().numpy()
         prob = prob[0] if prob.ndim == 3 else prob
         res = dict(d.get(self.result) or {})
+        # pooled encoder features of the forward pass, when the detector reads them
+        embedding = d.pop(self.embedding_key, None)
         if self.detector is not None:
-            call = self.detector(prob)
+            call = self.detector(prob, embedding=embedding)
             covid = {
                 "covid_probability": round(float(call["covid_probability"]), 6),
                 "covid_detected": bool(call["covid_detected"]),
@@ -85,6 +97,7 @@ class CXRInfection(BundleInferTask):
     def __init__(self, name: str, bundle: Path) -> None:
         self.name = name
         self._nets: dict[str, torch.nn.Module] = {}
+        self._taps: dict[str, Any] = {}
         self._net_lock = threading.Lock()
         super().__init__(str(bundle), _EMPTY_CONF, type=InferType.SEGMENTATION, add_post_restore=False, load_strict=True)
         if not self.valid:
@@ -105,8 +118,24 @@ class CXRInfection(BundleInferTask):
 
         with self._net_lock:
             if device not in self._nets:
-                self._nets[device] = load_bundle_network(self.bundle_path, device)
+                net = load_bundle_network(self.bundle_path, device)
+                if self.detector.needs_embedding:
+                    from monai_covid.cxr_detector import EmbeddingTap
+
+                    self._taps[device] = EmbeddingTap(net, self.detector.embedding_layer).attach()
+                self._nets[device] = net
             return self._nets[device]
+
+    def run_inferer(self, data: dict[str, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """MONAI Label's forward pass; the detector's pooled encoder features of it (values are per thread) go to
+        ``data["covid_embedding"]`` for :class:`InfectionCalld`."""
+        for tap in self._taps.values():
+            tap.clear()
+        data = super().run_inferer(data, *args, **kwargs)
+        embedding = next((t.value for t in self._taps.values() if t.value is not None), None)
+        if embedding is not None:
+            data["covid_embedding"] = embedding[0]
+        return data
 
     def post_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
         return [*super().post_transforms(data), InfectionCalld(self.threshold, key=self.key_pred, detector=self.detector)]
