@@ -377,7 +377,9 @@ def test_sigkill_sigterm_sigint_then_resume(sample_series, tmp_path):
 
     inp = tmp_path / "in"
     for i in range(4):
-        _series(sample_series, inp / f"case{i}")
+        # 20 slices a case: a case must outlast the 0.3 s between "the previous case finished" and the signal, also on
+        # a fast machine (with 5 slices CI once finished the last case first and got SIGINT during interpreter exit)
+        _series(sample_series, inp / f"case{i}", n=20)
     before = _digest(inp)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai_covid.cli", "infer", str(inp), str(out), "--models", "asegnet", "--quiet"]
