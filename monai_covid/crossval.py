@@ -54,22 +54,23 @@ __all__ = [
 
 #: per bundle (folder name): the variants compared in its CV table, as config overrides on top of its train.json;
 #: the first variant is the bundle's shipped model (its CV best epochs set the ``--final`` epoch count)
+_STOCK_UNET: dict[str, Any] = {  # the stock MONAI UNet as its tutorials build it (the floor row of both lesion bundles)
+    "network_def": {
+        "_target_": "UNet",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [16, 32, 64, 128, 256],
+        "strides": [2, 2, 2, 2],
+        "num_res_units": 2,
+    }
+}
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "covid_ct_lesion_asegnet": {
         "asegnet": {},
         "segnet": {"network_def#attention": False},
         "asegnet_wide": {"network_def#channels": [16, 32, 64, 128, 256]},
-        "unet": {  # the stock MONAI UNet as its tutorials build it (the floor row)
-            "network_def": {
-                "_target_": "UNet",
-                "spatial_dims": 2,
-                "in_channels": 1,
-                "out_channels": 2,
-                "channels": [16, 32, 64, 128, 256],
-                "strides": [2, 2, 2, 2],
-                "num_res_units": 2,
-            }
-        },
+        "unet": _STOCK_UNET,
         "basic_unet": {"network_def": {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2}},
         "attention_unet": {
             "network_def": {
@@ -88,6 +89,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "cosup_no_edge": {"network_def#edge": False},
         "cosup_no_aux": {"network_def#aux": False},
         "cosup_no_fusion": {"network_def#fusion": False},
+        "unet": _STOCK_UNET,  # trained with this bundle's train.json (CoSupervisionLoss: segmentation term only)
     },
 }
 #: variants whose checkpoints are also scored with flip test-time augmentation, as an extra row

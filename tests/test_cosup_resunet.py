@@ -146,6 +146,32 @@ def test_loss_gradients_reach_every_head():
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
 
 
+def test_floor_variant_trains_with_this_bundles_loss():
+    """The stock MONAI UNet floor row of the CV (``crossval`` variant ``unet``) is built from this bundle's
+    train.json and learns through its loss (a plain tensor: the segmentation term only)."""
+    from monai.bundle import ConfigParser
+    from monai.networks.nets import UNet
+
+    from monai_covid.crossval import VARIANTS, _network_from_overrides
+
+    net = _network_from_overrides(BUNDLE, VARIANTS[BUNDLE.name]["unet"]).train()
+    assert isinstance(net, UNet)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    loss_fn = parser.get_parsed_content("loss", instantiate=True)
+    torch.manual_seed(0)
+    x, label = torch.rand(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.7).float()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = loss_fn(net(x), label)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert set(loss_fn.terms(net(x), label)) == {"seg"} and losses[-1] < losses[0]
+
+
 def test_train_two_iterations_then_evaluate(shared_data, tmp_path):
     trainer = train_two_iterations_then_evaluate(BUNDLE, shared_data, tmp_path)
     # the training-mode dict went to the loss; the train metric ran on the segmentation head picked out of it
