@@ -99,7 +99,7 @@ LABELS = {
     "segnet": "SegNet + focal Tversky",
     "asegnet_wide": "A-SegNet 2x width (16-256) + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
-    "unet": "MONAI UNet (16-256, 2 res units) + focal Tversky",
+    "unet": "MONAI UNet (16-256, 2 res units), the bundle's loss",  # the floor row of both lesion bundles
     "basic_unet": "MONAI BasicUNet + focal Tversky",
     "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
     "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
