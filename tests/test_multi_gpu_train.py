@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -71,6 +72,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _teardown_abort(r: subprocess.CompletedProcess, tmp_path: Path) -> bool:
+    """True when a rank died of SIGABRT from ``std::terminate`` after the run had finished its work: both epochs
+    logged and the final checkpoint written. Anything else (a crash mid-run, a missing checkpoint) is a failure."""
+    return (r.returncode != 0 and "terminate called without an active exception" in r.stderr
+            and "Epoch: 2/2, Iter: 2/2" in r.stdout + r.stderr and (tmp_path / "ckpt" / "model.pt").is_file())
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_multi_gpu_train_with_two_cpu_ranks(name, shared_data, tmp_path):
     from monai_covid.inference.lesion import load_bundle_network
@@ -90,13 +98,21 @@ def test_multi_gpu_train_with_two_cpu_ranks(name, shared_data, tmp_path):
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "monai.bundle", "run", "--config_file", repr(configs), "--bundle_root", str(bundle)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{name}: multi_gpu_train.json did not finish in 240 s (a rank waiting on a collective?): "
-                    f"{(e.stderr or b'')[-1500:]!r}")
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-3000:]
+    for attempt in (1, 2):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"{name}: multi_gpu_train.json did not finish in 240 s (a rank waiting on a collective?): "
+                        f"{(e.stderr or b'')[-1500:]!r}")
+        log = r.stdout + r.stderr
+        if attempt == 1 and _teardown_abort(r, tmp_path):
+            # gloo's worker threads can abort a rank at interpreter exit after a complete run (seen once in ~10 CI
+            # runs, rank 0: "terminate called without an active exception"); one fresh retry, which must pass
+            shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
+            shutil.rmtree(tmp_path / "out", ignore_errors=True)
+            continue
+        break
+    assert r.returncode == 0, r.stdout[-1500:] + "\n--- stderr ---\n" + r.stderr[-3000:]
     # rank 0 alone logs: one line per iteration of each epoch (2 training items per rank at batch 1)
     assert log.count("Iter: 1/2 -- train_loss") == 2, log[-3000:]
     # the checkpoint is the bare network (no DDP "module." prefix), fp16, and loads strictly into the bundle's net
