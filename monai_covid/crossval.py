@@ -65,13 +65,16 @@ _STOCK_UNET: dict[str, Any] = {  # the stock MONAI UNet as its tutorials build i
         "num_res_units": 2,
     }
 }
+_STOCK_BASIC_UNET: dict[str, Any] = {  # MONAI BasicUNet with its default features (the issue's second floor row)
+    "network_def": {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2}
+}
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "covid_ct_lesion_asegnet": {
         "asegnet": {},
         "segnet": {"network_def#attention": False},
         "asegnet_wide": {"network_def#channels": [16, 32, 64, 128, 256]},
         "unet": _STOCK_UNET,
-        "basic_unet": {"network_def": {"_target_": "BasicUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2}},
+        "basic_unet": _STOCK_BASIC_UNET,
         "attention_unet": {
             "network_def": {
                 "_target_": "AttentionUnet",
@@ -90,6 +93,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "cosup_no_aux": {"network_def#aux": False},
         "cosup_no_fusion": {"network_def#fusion": False},
         "unet": _STOCK_UNET,  # trained with this bundle's train.json (CoSupervisionLoss: segmentation term only)
+        "basic_unet": _STOCK_BASIC_UNET,
     },
 }
 #: variants whose checkpoints are also scored with flip test-time augmentation, as an extra row
@@ -100,7 +104,7 @@ LABELS = {
     "asegnet_wide": "A-SegNet 2x width (16-256) + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
     "unet": "MONAI UNet (16-256, 2 res units), the bundle's loss",  # the floor row of both lesion bundles
-    "basic_unet": "MONAI BasicUNet + focal Tversky",
+    "basic_unet": "MONAI BasicUNet (default features), the bundle's loss",
     "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
     "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
     "resunet": "ResUnet baseline",
@@ -132,10 +136,29 @@ def per_image_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
 
 
 
+def _run_overrides(bundle: Path, run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides a run of ``bundle`` in ``run_dir`` is trained with (written to ``run_dir/overrides.json``)."""
+    return {"bundle_root": str(bundle), "ckpt_dir": str(run_dir), "output_dir": str(run_dir), **overrides}
+
+
+def check_same_run(bundle: Path, run_dir: Path, overrides: dict[str, Any]) -> None:
+    """Refuse to reuse or resume ``run_dir`` when it holds a run of other settings (another bundle's recipe, another
+    loss, ...): a work dir shared between two CV commands would otherwise score the wrong run under this name."""
+    stored = run_dir / "overrides.json"
+    if not stored.is_file():
+        return
+    old = {k: v for k, v in json.loads(stored.read_text()).items() if k != "resume"}
+    new = {k: v for k, v in json.loads(json.dumps(_run_overrides(bundle, run_dir, overrides))).items() if k != "resume"}
+    if old != new:
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise SystemExit(f"[cv] {run_dir} holds a run with other settings (differs in: {', '.join(keys)}); "
+                         "use another --work_dir or remove that folder")
+
+
 def train_one(bundle: Path, run_dir: Path, overrides: dict[str, Any], log_path: Path) -> subprocess.Popen:
     """Start one training run of ``configs/train.json`` (one thread) in the background; returns the process."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ov = {"bundle_root": str(bundle), "ckpt_dir": str(run_dir), "output_dir": str(run_dir), **overrides}
+    ov = _run_overrides(bundle, run_dir, overrides)
     (run_dir / "overrides.json").write_text(json.dumps(ov, indent=1))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "monai_covid.crossval", "_train", str(bundle), str(run_dir / "overrides.json")]
@@ -322,6 +345,7 @@ def _run_all(jobs: list[tuple[Any, Path, dict, Path]], bundle: Path, max_jobs: i
     while pending or running:
         while pending and len(running) < max_jobs:
             key, run_dir, ov, log = pending.pop(0)
+            check_same_run(bundle, run_dir, ov)
             if (run_dir / "train_info.json").is_file():
                 print(f"[cv] {key}: already trained, reusing {run_dir}", flush=True)
                 continue

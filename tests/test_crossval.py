@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -67,3 +68,24 @@ def test_summarise_95ci_over_five_folds():
     ]
     _, md = summarise(rows, {}, "cmd")
     assert "| 0.700 ± 0.071 |" in md and "| 0.612–0.788 |" in md
+
+
+def test_a_work_dir_run_of_other_settings_is_never_reused(tmp_path):
+    """A finished run is reused only for the same bundle and overrides (``--resume`` aside); a run of another
+    bundle's recipe or loss in the same work dir stops the CV with a message naming what differs."""
+    from monai_covid.crossval import _run_all, check_same_run
+
+    aseg, cosup = REPO / "bundles" / "covid_ct_lesion_asegnet", REPO / "bundles" / "covid_ct_lesion_cosup_resunet"
+    run_dir = tmp_path / "basic_unet" / "fold0"
+    run_dir.mkdir(parents=True)
+    ov = {"fold": 0, "resume": True, "network_def": {"_target_": "BasicUNet", "spatial_dims": 2}}
+    (run_dir / "overrides.json").write_text(json.dumps({"bundle_root": str(aseg), "ckpt_dir": str(run_dir),
+                                                        "output_dir": str(run_dir), **ov}))
+    (run_dir / "train_info.json").write_text("{}")
+    check_same_run(aseg, run_dir, {**ov, "resume": False})  # same run, with or without --resume
+    _run_all([("basic_unet", run_dir, ov, tmp_path / "log")], aseg, 1)  # reused: nothing is started
+    assert not (tmp_path / "log").exists()
+    with pytest.raises(SystemExit, match="bundle_root"):
+        _run_all([("basic_unet", run_dir, ov, tmp_path / "log")], cosup, 1)
+    with pytest.raises(SystemExit, match="loss"):
+        check_same_run(aseg, run_dir, {**ov, "loss": {"_target_": "DiceCELoss"}})
