@@ -135,7 +135,6 @@ def per_image_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
     return {"dice": dice, "sensitivity": sens, "specificity": spec}
 
 
-
 def _run_overrides(bundle: Path, run_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """The overrides a run of ``bundle`` in ``run_dir`` is trained with (written to ``run_dir/overrides.json``)."""
     return {"bundle_root": str(bundle), "ckpt_dir": str(run_dir), "output_dir": str(run_dir), **overrides}

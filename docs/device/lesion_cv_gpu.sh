@@ -7,7 +7,7 @@
 #   mkdir -p .devdata/ct_lesion_slices && cp -r ../shared/data/ct_lesion_slices/{train,README.md} .devdata/ct_lesion_slices/
 # then run there (carry .whl and .devdata):  bash docs/device/lesion_cv_gpu.sh BUNDLE WORK_DIR VARIANT [VARIANT ...]
 # Tables land in $OUT/cv (cv_results.md, cv_folds.csv, cv_per_image.csv). Use a fresh WORK_DIR per bundle: crossval
-# reuses finished runs of the same variant name found there.
+# stops on a finished run of the same variant name with other settings (another bundle's recipe) found there.
 set -o pipefail
 bundle=$1 work=$2; shift 2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
