@@ -277,8 +277,9 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{statistics.mean(v):.3f} ± {sd:.3f}"
 
 
-def _ci95(values: Sequence[float]) -> str:
-    """95 % confidence interval of the mean of ``values`` (Student t over the fold means)."""
+def _ci95(values: Sequence[float], bounds: tuple[float, float] | None = None) -> str:
+    """95 % confidence interval of the mean of ``values`` (Student t over the fold means); ``bounds``: the range of
+    the metric (e.g. ``(0, 1)`` for a proportion), to which the interval is clipped."""
     from scipy import stats
 
     v = [x for x in values if not np.isnan(x)]
@@ -286,7 +287,10 @@ def _ci95(values: Sequence[float]) -> str:
         return "n/a"
     m, se = statistics.mean(v), statistics.stdev(v) / np.sqrt(len(v))
     h = float(stats.t.ppf(0.975, len(v) - 1)) * se
-    return f"{m - h:.3f}–{m + h:.3f}"
+    lo, hi = m - h, m + h
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return f"{lo:.3f}–{hi:.3f}"
 
 
 def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict], command: str) -> tuple[list, str]:
@@ -331,7 +335,7 @@ def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict
         lines.append(
             f"| {LABELS.get(v, v)} | {_mean_sd([r['dice'] for r in fr])} | "
             f"{_mean_sd([r['sensitivity'] for r in fr])} | {_mean_sd([r['specificity'] for r in fr])} | "
-            f"{_ci95([r['dice'] for r in fr])} | {_ci95([r['specificity'] for r in fr])} |"
+            f"{_ci95([r['dice'] for r in fr], (0.0, 1.0))} | {_ci95([r['specificity'] for r in fr], (0.0, 1.0))} |"
         )
     lines += ["", "95 % CI: Student t over the fold means (5 folds: mean ± 2.78 sd / √5)."]
     lines += ["", f"Command: `{command}`", ""]

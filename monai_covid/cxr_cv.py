@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -57,6 +58,8 @@ __all__ = [
     "report",
     "pick_examples",
     "examples",
+    "read_epoch_losses",
+    "learning_curves",
     "main",
 ]
 
@@ -524,6 +527,11 @@ def _cell(m: dict[str, Any], c: str) -> str:
     return f"{m[c]:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
 
 
+def _bounds(column: str) -> tuple[float, float] | None:
+    """Range of a table column, to which its t-interval is clipped: every column but the time is a proportion."""
+    return None if column == "ms_per_image" else (0.0, 1.0)
+
+
 def report(
     variants: Sequence[str],
     work_dir: Path,
@@ -571,7 +579,9 @@ def report(
             if len(fr) > 1:
                 lines.append(
                     f"| {LABELS.get(v, v)} | {name} | mean ± sd (95 % CI) | {sum(m['n'] for m in fr)} | "
-                    + " | ".join(f"{_mean_sd([m[c] for m in fr])} ({_ci95([m[c] for m in fr])})" for c in _COLS)
+                    + " | ".join(
+                        f"{_mean_sd([m[c] for m in fr])} ({_ci95([m[c] for m in fr], _bounds(c))})" for c in _COLS
+                    )
                     + " |"
                 )
             if name != "paper" and len({int(r["covid"]) for r in rows}) == 2:
@@ -714,10 +724,66 @@ def examples(
     return atomic_write_bytes(figure, buf.getvalue())
 
 
+_ITER_LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([-\d.eE+naNif]+)")
+
+
+def read_epoch_losses(log_path: str | Path) -> list[tuple[int, float]]:
+    """``(epoch, mean training loss)`` from a run's log (``StatsHandler`` iteration lines). A resumed run repeats the
+    iterations of the epoch it was stopped in; the last pass of each epoch counts."""
+    losses: dict[int, dict[int, float]] = {}
+    for line in Path(log_path).read_text(errors="replace").splitlines():
+        m = _ITER_LOSS.search(line)
+        if m:
+            epoch, it = int(m.group(1)), int(m.group(2))
+            if it == 1:  # a new pass of this epoch starts: forget an earlier, interrupted one
+                losses[epoch] = {}
+            losses.setdefault(epoch, {})[it] = float(m.group(3))
+    return [(e, float(np.mean(list(v.values())))) for e, v in sorted(losses.items()) if v]
+
+
+def learning_curves(variants: Sequence[str], work_dir: Path, path: Path) -> Path:
+    """``path`` (PNG): mean training loss by epoch of every fold run (``WORK/<variant>_fold<k>.log``), and each run's
+    end-of-training validation Dice on its held-out fold (the bundle's ``val_mean_dice``, 256 px, the only time the
+    held-out fold is looked at)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from monai_covid.io_utils import atomic_write_bytes
+    from monai_covid.semi_supervised import read_epoch_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    for i, v in enumerate(variants):
+        logs = sorted(work_dir.glob(f"{v}_fold*.log"))
+        for j, log in enumerate(logs):
+            curve = read_epoch_losses(log)
+            axes[0].plot(*zip(*curve), color=f"C{i}", lw=1, alpha=0.7, label=LABELS.get(v, v) if j == 0 else None)
+            val = [r["val_mean_dice"] for r in read_epoch_metrics(log) if "val_mean_dice" in r]
+            if val:
+                axes[1].plot(i, val[-1], "o", color=f"C{i}", alpha=0.7)
+    axes[1].set_xticks(range(len(variants)), [LABELS.get(v, v).split(",")[0] for v in variants], fontsize=7)
+    axes[1].set_xlim(-0.5, len(variants) - 0.5)
+    axes[0].set_title("training loss (Dice + focal), mean over each epoch, 5 folds", fontsize=8)
+    axes[0].set_xlabel("epoch", fontsize=8)
+    axes[0].legend(fontsize=6)
+    axes[1].set_title("held-out fold, after the last epoch: mean Dice (256 px)", fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m monai_covid.cxr_cv", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=("train", "score", "report", "all", "final", "examples"))
+    p.add_argument("step", choices=("train", "score", "report", "all", "final", "examples", "curves"))
     p.add_argument("bundle", type=Path)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -747,6 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 examples(bundle, v, a.work_dir, a.data_dir, (a.docs_dir or a.work_dir / "report") / f"examples_{v}.png")
             )
+    if a.step == "curves":
+        print(learning_curves(a.variants, a.work_dir, (a.docs_dir or a.work_dir / "report") / "learning_curves.png"))
     if a.step in ("report", "all"):
         print(
             report(

@@ -70,6 +70,16 @@ def test_summarise_95ci_over_five_folds():
     assert "| 0.700 ± 0.071 |" in md and "| 0.612–0.788 |" in md
 
 
+def test_ci95_of_a_proportion_is_clipped_to_its_range():
+    """Specificities of 1.000, 1.000, 0.983, 1.000, 1.000: the t interval (0.987-1.006) ends at 1 for a proportion."""
+    from monai_covid.crossval import _ci95
+
+    values = [1.0, 1.0, 0.983, 1.0, 1.0]
+    assert _ci95(values) == "0.987–1.006"
+    assert _ci95(values, (0.0, 1.0)) == "0.987–1.000"
+    assert _ci95([0.01, 0.0, 0.02], (0.0, 1.0)).startswith("0.000–")
+
+
 def test_a_work_dir_run_of_other_settings_is_never_reused(tmp_path):
     """A finished run is reused only for the same bundle and overrides (``--resume`` aside); a run of another
     bundle's recipe or loss in the same work dir stops the CV with a message naming what differs."""

@@ -198,3 +198,22 @@ def test_pick_examples_one_per_outcome() -> None:
     assert picks["spared Non-COVID (paper rule fires)"]["image"] == "n1"
     assert picks["false alarm, Non-COVID"]["image"] == "n3"
     assert "false alarm, Normal" not in picks  # none: no row invented
+
+
+def test_epoch_losses_count_the_last_pass_of_a_resumed_epoch(tmp_path) -> None:
+    """A run stopped inside epoch 2 and resumed from the epoch-1 checkpoint logs epoch 2 twice: the curve keeps the
+    complete second pass, not a mix of both; the learning-curve figure is written."""
+    line = "2026-12-04 17:47:46,384 - INFO - Epoch: {e}/3, Iter: {i}/3 -- train_loss: {x}"
+    lines = [line.format(e=1, i=i, x=x) for i, x in ((1, 1.0), (2, 0.8), (3, 0.6))]
+    lines += [line.format(e=2, i=i, x=9.0) for i in (1, 2)]  # interrupted pass (killed before iteration 3)
+    lines += ["2026-12-04 17:50:00,000 - INFO - some other line"]
+    lines += [line.format(e=2, i=i, x=x) for i, x in ((1, 0.5), (2, 0.4), (3, 0.3))]
+    lines += [line.format(e=3, i=i, x=0.2) for i in (1, 2, 3)]
+    lines += ["2026-12-04 17:58:23,914 - INFO - Epoch[3] Metrics -- val_mean_dice: 0.7473 "]
+    log = tmp_path / "slim_cl_fold0.log"
+    log.write_text("\n".join(lines) + "\n")
+    got = cxr_cv.read_epoch_losses(log)
+    assert [e for e, _ in got] == [1, 2, 3]
+    np.testing.assert_allclose([x for _, x in got], [0.8, 0.4, 0.2])
+    png = cxr_cv.learning_curves(["slim_cl"], tmp_path, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
