@@ -402,11 +402,10 @@ def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Seque
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 
-    from monai_covid.io_utils import atomic_write_bytes
+    from monai_covid.io_utils import atomic_save_figure
     from monai_covid.semi_supervised import read_epoch_metrics
 
     def val(log: Path) -> list[dict]:
@@ -434,10 +433,7 @@ def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Seque
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(docs / "learning_curves.png", buf.getvalue())
+    atomic_save_figure(fig, docs / "learning_curves.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -670,7 +670,6 @@ def examples(
 ) -> Path:
     """``figure``: X-ray | ground truth | infection map of :func:`pick_examples`, each through the fold model that
     did not train on it, titled with its class, out-of-fold COVID probability and both detectors' calls."""
-    import io
 
     import matplotlib
 
@@ -680,7 +679,7 @@ def examples(
     from data_prep.datalists import make_datalist
     from monai_covid.crossval import load_run
     from monai_covid.infection_map import predict_cxr, read_mask, read_xray
-    from monai_covid.io_utils import atomic_write_bytes
+    from monai_covid.io_utils import atomic_save_figure
 
     with open(work_dir / variant / "oof_detection.csv", newline="") as f:
         picks = pick_examples(list(csv.DictReader(f)), detector)
@@ -718,10 +717,7 @@ def examples(
         if t:
             ax.set_title(t, fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(figure, buf.getvalue())
+    return atomic_save_figure(fig, figure)
 
 
 _ITER_LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([-\d.eE+naNif]+)")
@@ -745,14 +741,13 @@ def learning_curves(variants: Sequence[str], work_dir: Path, path: Path) -> Path
     """``path`` (PNG): mean training loss by epoch of every fold run (``WORK/<variant>_fold<k>.log``), and each run's
     end-of-training validation Dice on its held-out fold (the bundle's ``val_mean_dice``, 256 px, the only time the
     held-out fold is looked at)."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from monai_covid.io_utils import atomic_write_bytes
+    from monai_covid.io_utils import atomic_save_figure
     from monai_covid.semi_supervised import read_epoch_metrics
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
@@ -774,10 +769,7 @@ def learning_curves(variants: Sequence[str], work_dir: Path, path: Path) -> Path
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,10 +20,12 @@ import numpy as np
 
 __all__ = [
     "atomic_write_bytes",
+    "atomic_save_figure",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_write_csv",
     "atomic_save_png",
+    "atomic_save_figure",
     "atomic_save_with",
     "save_fp16",
     "display_text",
@@ -165,6 +167,17 @@ def atomic_save_png(path: str | os.PathLike, array: np.ndarray) -> Path:
         raise TypeError(f"atomic_save_png expects uint8, got {array.dtype} for {path}")
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """Render a matplotlib figure as PNG (``savefig_kwargs``: e.g. ``dpi``, ``bbox_inches``), close it and write it
+    atomically."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -13,7 +13,6 @@ precision-recall curve, so the curve and its area (average precision, the step-w
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from monai_covid.io_utils import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from monai_covid.io_utils import atomic_save_figure, atomic_write_csv, atomic_write_text
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -152,9 +151,7 @@ def sweep_markdown(rows: Sequence[dict[str, float]]) -> str:
 
 
 def _save_fig(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path, dpi=80, bbox_inches="tight")
 
 
 def save_threshold_report(
@@ -236,7 +233,6 @@ def save_threshold_report(
     ax.set_title("ROC" + suffix, fontsize=9)
     ax.legend(loc="lower right")
     _save_fig(fig, out / "roc_curve.png")
-    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.step(np.r_[0.0, rec], np.r_[1.0, prec], where="post", lw=2, label=f"AP = {ap:.3f}")
@@ -244,7 +240,6 @@ def save_threshold_report(
     ax.set_title("Precision-recall" + suffix, fontsize=9)
     ax.legend(loc="lower left")
     _save_fig(fig, out / "pr_curve.png")
-    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
     cm = np.array([[at["tp"], at["fn"]], [at["fp"], at["tn"]]])
@@ -256,7 +251,6 @@ def save_threshold_report(
     ax.set(xlabel="predicted", ylabel="true")
     ax.set_title(f"Confusion matrix, threshold {threshold:g}" + suffix, fontsize=9)
     _save_fig(fig, out / "confusion_matrix.png")
-    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.5, 3))
     bins = np.linspace(0, 1, 21)
@@ -266,7 +260,6 @@ def save_threshold_report(
     ax.set_title("Predicted scores" + suffix, fontsize=9)
     ax.legend()
     _save_fig(fig, out / "score_histogram.png")
-    plt.close(fig)
     return summary
 
 

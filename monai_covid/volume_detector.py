@@ -312,7 +312,7 @@ def _slice_png(path: Path, scores: np.ndarray, inputs: torch.Tensor, threshold: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from monai_covid.io_utils import atomic_write_bytes
+    from monai_covid.io_utils import atomic_save_figure
 
     top = np.argsort(scores)[::-1][:n_top]
     fig = plt.figure(figsize=(8, 4.2), dpi=80)
@@ -330,12 +330,7 @@ def _slice_png(path: Path, scores: np.ndarray, inputs: torch.Tensor, threshold: 
         a.imshow(inputs[z, 0].float().numpy(), cmap="gray", vmin=0, vmax=1)
         a.set_title(f"{z}: {scores[z]:.2f}", fontsize=7)
         a.axis("off")
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path)
 
 
 class VolumeDetectorRunner:
