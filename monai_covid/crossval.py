@@ -402,7 +402,6 @@ def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Seque
     import matplotlib
 
     matplotlib.use("Agg")
-
     import matplotlib.pyplot as plt
 
     from monai_covid.io_utils import atomic_save_figure

@@ -670,7 +670,6 @@ def examples(
 ) -> Path:
     """``figure``: X-ray | ground truth | infection map of :func:`pick_examples`, each through the fold model that
     did not train on it, titled with its class, out-of-fold COVID probability and both detectors' calls."""
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -725,23 +724,19 @@ _ITER_LOSS = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([-\d
 
 def read_epoch_losses(log_path: str | Path) -> list[tuple[int, float]]:
     """``(epoch, mean training loss)`` from a run's log (``StatsHandler`` iteration lines). A resumed run repeats the
-    iterations of the epoch it was stopped in; the last pass of each epoch counts."""
+    iterations of the epoch it was stopped in; the later pass of an iteration replaces the earlier one."""
     losses: dict[int, dict[int, float]] = {}
     for line in Path(log_path).read_text(errors="replace").splitlines():
         m = _ITER_LOSS.search(line)
         if m:
-            epoch, it = int(m.group(1)), int(m.group(2))
-            if it == 1:  # a new pass of this epoch starts: forget an earlier, interrupted one
-                losses[epoch] = {}
-            losses.setdefault(epoch, {})[it] = float(m.group(3))
-    return [(e, float(np.mean(list(v.values())))) for e, v in sorted(losses.items()) if v]
+            losses.setdefault(int(m.group(1)), {})[int(m.group(2))] = float(m.group(3))
+    return [(e, float(np.mean(list(v.values())))) for e, v in sorted(losses.items())]
 
 
 def learning_curves(variants: Sequence[str], work_dir: Path, path: Path) -> Path:
     """``path`` (PNG): mean training loss by epoch of every fold run (``WORK/<variant>_fold<k>.log``), and each run's
     end-of-training validation Dice on its held-out fold (the bundle's ``val_mean_dice``, 256 px, the only time the
     held-out fold is looked at)."""
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -20,7 +20,6 @@ import numpy as np
 
 __all__ = [
     "atomic_write_bytes",
-    "atomic_save_figure",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_write_csv",
