@@ -10,6 +10,13 @@ The scheme of Semi-Inf-Net (Fan et al., IEEE TMI 39(8) 2020, Sec. III-C), in two
    fold's training part, or all of them), as in the supervised recipe. ``"stage": "supervised"`` with no
    ``pretrain_ckpt`` is the supervised recipe alone.
 
+One-run alternative, ``"stage": "mixed"``: every batch is drawn from the doctor slices of the fold *and* the
+pre-training patients' pseudo-labelled slices (all 1,600 when ``fold`` is None, for a shipped model), with the
+pseudo-labels' lower weight given by how often they are drawn: ``pseudo_share`` of the draws (default 1/3, i.e.
+half the weight of the doctor slices), and the doctor slices drawn ``epoch_repeats`` times an epoch on average as
+in the supervised recipe (:func:`training_sampler`, a ``torch.utils.data.WeightedRandomSampler``). Validation stays
+on the doctor slices of the fold.
+
 Both CT lesion bundles read the stages from their ``train.json``::
 
     "train_datalist": "$semi_supervised.training_items(@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats)",
@@ -35,6 +42,7 @@ import numpy as np
 __all__ = [
     "STAGES",
     "training_items",
+    "training_sampler",
     "validation_items",
     "from_pretrained",
     "attach_checkpoints",
@@ -44,7 +52,7 @@ __all__ = [
     "read_epoch_metrics",
 ]
 
-STAGES = ("supervised", "pretrain", "finetune")
+STAGES = ("supervised", "pretrain", "finetune", "mixed")
 #: every n-th held-out pseudo-label slice is validated after each pre-training epoch (neighbours are near-identical)
 PRETRAIN_VAL_EVERY = 4
 
@@ -65,12 +73,44 @@ def training_items(
 ) -> list[dict[str, Any]]:
     """Training items of ``stage``: the pre-training patients' pseudo-labelled slices (once each: 1,311 slices are
     enough draws an epoch; ``rewindow``: each volume's grey scale mapped onto the doctor slices') or the doctor
-    slices of the fold's training part, each ``repeats`` times."""
+    slices of the fold's training part, each ``repeats`` times. ``"mixed"``: the fold's doctor slices once each and
+    the pre-training patients' pseudo-labelled slices (every patient's with ``fold=None``), all items with the same
+    keys (``image``, ``label``, ``grey_map``, ``source`` ``"doctor"`` / ``"pseudo"``) so that one batch can hold
+    both; :func:`training_sampler` draws them."""
     from data_prep.datalists import make_datalist
 
     if _check_stage(stage) == "pretrain":
         return make_datalist("ct_lesion_pseudo", data_dir, part="train", rewindow=rewindow)
-    return make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="train") * int(repeats)
+    doctor = make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="train")
+    if stage != "mixed":
+        return doctor * int(repeats)
+    pseudo = make_datalist("ct_lesion_pseudo", data_dir, part="train" if fold is not None else "all", rewindow=rewindow)
+
+    def item(d: dict[str, Any], source: str) -> dict[str, Any]:
+        return {"image": d["image"], "label": d["label"], "grey_map": list(d.get("grey_map", (1.0, 0.0))), "source": source}
+
+    return [item(d, "doctor") for d in doctor] + [item(d, "pseudo") for d in pseudo]
+
+
+def training_sampler(stage: str, items: Sequence[dict[str, Any]], pseudo_share: float = 1 / 3, repeats: int = 4):
+    """The sampler of the ``"mixed"`` stage (None for the others: the data loader shuffles): a
+    ``WeightedRandomSampler`` (with replacement) that gives the pseudo-labelled items ``pseudo_share`` of the draws
+    and the doctor items the rest, an epoch being ``repeats`` draws per doctor item on average
+    (``round(n_doctor * repeats / (1 - pseudo_share))`` draws)."""
+    if _check_stage(stage) != "mixed":
+        return None
+    import torch
+
+    share = float(pseudo_share)
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"pseudo_share must be in [0, 1), got {pseudo_share}")
+    pseudo = np.array([d.get("source") == "pseudo" for d in items], dtype=bool)
+    n_pseudo, n_doctor = int(pseudo.sum()), int((~pseudo).sum())
+    if n_doctor == 0 or (share > 0 and n_pseudo == 0):
+        raise ValueError(f"mixed stage needs doctor and pseudo-labelled items, got {n_doctor} and {n_pseudo}")
+    weights = np.where(pseudo, share / max(n_pseudo, 1), (1.0 - share) / n_doctor)
+    n_draws = int(round(n_doctor * int(repeats) / (1.0 - share)))
+    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), n_draws, replacement=True)
 
 
 def validation_items(
