@@ -87,7 +87,12 @@ def training_items(
     pseudo = make_datalist("ct_lesion_pseudo", data_dir, part="train" if fold is not None else "all", rewindow=rewindow)
 
     def item(d: dict[str, Any], source: str) -> dict[str, Any]:
-        return {"image": d["image"], "label": d["label"], "grey_map": list(d.get("grey_map", (1.0, 0.0))), "source": source}
+        return {
+            "image": d["image"],
+            "label": d["label"],
+            "grey_map": list(d.get("grey_map", (1.0, 0.0))),
+            "source": source,
+        }
 
     return [item(d, "doctor") for d in doctor] + [item(d, "pseudo") for d in pseudo]
 
@@ -110,7 +115,9 @@ def training_sampler(stage: str, items: Sequence[dict[str, Any]], pseudo_share: 
         raise ValueError(f"mixed stage needs doctor and pseudo-labelled items, got {n_doctor} and {n_pseudo}")
     weights = np.where(pseudo, share / max(n_pseudo, 1), (1.0 - share) / n_doctor)
     n_draws = int(round(n_doctor * int(repeats) / (1.0 - share)))
-    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), n_draws, replacement=True)
+    return torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), n_draws, replacement=True
+    )
 
 
 def validation_items(
@@ -174,9 +181,9 @@ def attach_checkpoints(trainer, ckpt_dir: str, network, optimizer, lr_scheduler,
     CheckpointSaver(
         save_dir=ckpt_dir, save_dict=state, file_prefix=_RESUME_PREFIX, save_interval=1, epoch_level=True, n_saved=1
     ).attach(trainer)
-    CheckpointSaver(save_dir=ckpt_dir, save_dict={"model": network}, save_final=True, final_filename="model_final.pt").attach(
-        trainer
-    )
+    CheckpointSaver(
+        save_dir=ckpt_dir, save_dict={"model": network}, save_final=True, final_filename="model_final.pt"
+    ).attach(trainer)
 
 
 def soft_dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -210,8 +217,15 @@ def score_pseudo_holdout(
     rows = []
     for i, p, q in zip(items, preds, soft):
         s = per_image_scores(p, q >= 128 / 255)
-        rows.append({"volume": i["volume"], "patient": i["group"], "image": Path(i["image"]).name, **s,
-                     "soft_dice": soft_dice(p > 0, q)})
+        rows.append(
+            {
+                "volume": i["volume"],
+                "patient": i["group"],
+                "image": Path(i["image"]).name,
+                **s,
+                "soft_dice": soft_dice(p > 0, q),
+            }
+        )
     return rows
 
 

@@ -1,6 +1,7 @@
 """Semi-supervised scheme of the CT lesion bundles (monai_covid.semi_supervised): pseudo-label loading (soft masks
-kept soft, grouping by volume and patient) on the real files and synthetic cases, and a short real pre-train ->
-fine-tune -> resume run of the A-SegNet train.json."""
+kept soft, grouping by volume and patient) on the real files and synthetic cases, a short real pre-train ->
+fine-tune -> resume run of both lesion bundles' train.json, and the one-run "mixed" stage (doctor and pseudo-labelled
+slices in the same batches, the pseudo-labels drawn at a lower rate)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from monai_covid.semi_supervised import (
     score_pseudo_holdout,
     soft_dice,
     training_items,
+    training_sampler,
     validation_items,
 )
 
@@ -196,7 +198,9 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path, bun
     assert pre_ckpt.is_file() and latest_resume_checkpoint(tmp_path / "pre").name == "resume_checkpoint_epoch=1.pt"
     pre_state = torch.load(pre_ckpt, weights_only=True)
 
-    ft = _workflow(repo_root, bundle_name, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt))
+    ft = _workflow(
+        repo_root, bundle_name, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt)
+    )
     net = ft.parser.get_parsed_content("network")
     for k, v in net.state_dict().items():  # fine-tuning starts from the pre-trained weights
         torch.testing.assert_close(v, pre_state[k])
@@ -208,8 +212,15 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path, bun
 
     # resume: a second run with 2 epochs continues at epoch 2 from the epoch-1 checkpoint
     again = _workflow(
-        repo_root, bundle_name, tmp_path / "ft", dataset_dir=data, stage="finetune", fold=0, pretrain_ckpt=str(pre_ckpt),
-        max_epochs=2, resume=True,
+        repo_root,
+        bundle_name,
+        tmp_path / "ft",
+        dataset_dir=data,
+        stage="finetune",
+        fold=0,
+        pretrain_ckpt=str(pre_ckpt),
+        max_epochs=2,
+        resume=True,
     )
     seen = []
     trainer = again.parser.get_parsed_content("train#trainer")
@@ -226,3 +237,70 @@ def test_pretrain_finetune_resume_real_run(shared_data, repo_root, tmp_path, bun
     rows = score_pseudo_holdout(net.eval(), data, every=60, rewindow=True)
     assert len(rows) == 5 and {r["patient"] for r in rows} <= set(PSEUDO_HOLDOUT_PATIENTS)
     assert all(0.0 <= r["dice"] <= 1.0 and 0.0 <= r["soft_dice"] <= 1.0 for r in rows)
+
+
+def test_real_mixed_items_keep_folds_and_holdout_apart(shared_data):
+    items = training_items("mixed", shared_data, fold=0, rewindow=True)
+    doctor = [d for d in items if d["source"] == "doctor"]
+    pseudo = [d for d in items if d["source"] == "pseudo"]
+    assert len(doctor) == 40 and len(pseudo) == 1311 and len(items) == 1351
+    assert {tuple(sorted(d)) for d in items} == {("grey_map", "image", "label", "source")}  # one batch can hold both
+    assert all(d["grey_map"] == [1.0, 0.0] for d in doctor) and any(d["grey_map"] != [1.0, 0.0] for d in pseudo)
+    held_doctor = {d["image"] for d in validation_items("mixed", shared_data, fold=0)}
+    assert len(held_doctor) == 10 and not held_doctor & {d["image"] for d in items}  # no validation slice trains
+    held_pseudo = {d["image"] for d in make_datalist("ct_lesion_pseudo", shared_data, part="val")}
+    assert not held_pseudo & {d["image"] for d in pseudo}  # the 4 held-out pseudo patients stay out of CV folds
+    every = training_items("mixed", shared_data, fold=None)  # the shipped model: all 50 + 1,600
+    assert Counter(d["source"] for d in every) == {"doctor": 50, "pseudo": 1600}
+    assert all(d["grey_map"] == [1.0, 0.0] for d in every)  # no re-windowing unless asked
+
+
+def test_mixed_sampler_draws_pseudo_labels_at_their_share():
+    items = [{"source": "doctor"}] * 40 + [{"source": "pseudo"}] * 1311
+    sampler = training_sampler("mixed", items, pseudo_share=1 / 3, repeats=4)
+    assert len(sampler) == 240  # 4 draws per doctor slice on average, a third of the draws pseudo-labelled
+    torch.manual_seed(0)
+    draws = [i for _ in range(50) for i in sampler]
+    pseudo_rate = np.mean([items[i]["source"] == "pseudo" for i in draws])
+    assert abs(pseudo_rate - 1 / 3) < 0.02
+    per_doctor = Counter(i for i in draws if i < 40)
+    assert len(per_doctor) == 40 and abs(np.mean(list(per_doctor.values())) / 50 - 4) < 0.3
+    # another share moves the rate; 0 draws doctor slices only
+    torch.manual_seed(0)
+    low = training_sampler("mixed", items, pseudo_share=0.1, repeats=4)
+    assert np.mean([items[i]["source"] == "pseudo" for _ in range(50) for i in low]) < 0.15
+    assert all(i < 40 for i in training_sampler("mixed", items, pseudo_share=0.0, repeats=4))
+    # the other stages shuffle in the data loader; bad input is refused
+    assert training_sampler("supervised", items) is None and training_sampler("finetune", items) is None
+    with pytest.raises(ValueError, match="pseudo_share"):
+        training_sampler("mixed", items, pseudo_share=1.0)
+    with pytest.raises(ValueError, match="doctor and pseudo"):
+        training_sampler("mixed", items[:40], pseudo_share=0.3)
+
+
+@pytest.mark.parametrize("bundle_name", ["covid_ct_lesion_asegnet", "covid_ct_lesion_cosup_resunet"])
+def test_mixed_stage_real_run(shared_data, repo_root, tmp_path, bundle_name):
+    """One real epoch of the mixed stage: batches hold doctor and pseudo-labelled slices, and the network trains."""
+    from ignite.engine import Events
+
+    wf = _workflow(
+        repo_root,
+        bundle_name,
+        tmp_path,
+        dataset_dir=str(shared_data),
+        stage="mixed",
+        fold=0,
+        pseudo_rewindow=True,
+        train_datalist="$(lambda x: x[:4] + x[-4:])(semi_supervised.training_items(@stage, @dataset_dir, @fold, "
+        "@n_folds, @epoch_repeats, @pseudo_rewindow))",
+    )
+    loader = wf.parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler) and len(loader.sampler) == 24
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    before = {k: v.clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()}
+    sources = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: sources.extend(d["source"] for d in e.state.batch))
+    wf.run()
+    assert len(sources) == 24 and set(sources) == {"doctor", "pseudo"}
+    after = torch.load(tmp_path / "model_final.pt", weights_only=True)
+    assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after)
