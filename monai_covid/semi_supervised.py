@@ -97,24 +97,62 @@ def training_items(
     return [item(d, "doctor") for d in doctor] + [item(d, "pseudo") for d in pseudo]
 
 
-def training_sampler(stage: str, items: Sequence[dict[str, Any]], pseudo_share: float = 1 / 3, repeats: int = 4):
-    """The sampler of the ``"mixed"`` stage (None for the others: the data loader shuffles): a
-    ``WeightedRandomSampler`` (with replacement) that gives the pseudo-labelled items ``pseudo_share`` of the draws
-    and the doctor items the rest, an epoch being ``repeats`` draws per doctor item on average
-    (``round(n_doctor * repeats / (1 - pseudo_share))`` draws)."""
-    if _check_stage(stage) != "mixed":
-        return None
-    import torch
-
+def _mixed_weights(items: Sequence[dict[str, Any]], pseudo_share: float, repeats: int) -> tuple[np.ndarray, int]:
+    """Per-item draw weights of the ``"mixed"`` stage and the number of draws an epoch (see
+    :func:`training_sampler`)."""
     share = float(pseudo_share)
     if not 0.0 <= share < 1.0:
         raise ValueError(f"pseudo_share must be in [0, 1), got {pseudo_share}")
     pseudo = np.array([d.get("source") == "pseudo" for d in items], dtype=bool)
     n_pseudo, n_doctor = int(pseudo.sum()), int((~pseudo).sum())
     if n_doctor == 0 or (share > 0 and n_pseudo == 0):
-        raise ValueError(f"mixed stage needs doctor and pseudo-labelled items, got {n_doctor} and {n_pseudo}")
+        raise ValueError(
+            f"the mixed stage needs doctor and pseudo-labelled items (source 'doctor' / 'pseudo'), got {n_doctor} and "
+            f'{n_pseudo}; to train on your own labelled slices only, set "stage": "supervised"'
+        )
     weights = np.where(pseudo, share / max(n_pseudo, 1), (1.0 - share) / n_doctor)
-    n_draws = int(round(n_doctor * int(repeats) / (1.0 - share)))
+    return weights, int(round(n_doctor * int(repeats) / (1.0 - share)))
+
+
+def training_sampler(
+    stage: str,
+    items: Sequence[dict[str, Any]],
+    pseudo_share: float = 1 / 3,
+    repeats: int = 4,
+    dataset=None,
+    distributed: bool = False,
+    **distributed_kwargs,
+):
+    """The sampler of the training data loader.
+
+    ``distributed=False`` (``train.json``): for the ``"mixed"`` stage a ``WeightedRandomSampler`` (with replacement)
+    that gives the pseudo-labelled items ``pseudo_share`` of the draws and the doctor items the rest, an epoch being
+    ``repeats`` draws per doctor item on average (``round(n_doctor * repeats / (1 - pseudo_share))`` draws); None for
+    the other stages (the data loader shuffles).
+
+    ``distributed=True`` (``multi_gpu_train.json``; ``dataset`` is the training dataset, ``distributed_kwargs`` go
+    to the sampler, e.g. ``num_replicas`` and ``rank``): for ``"mixed"`` a
+    ``monai.data.DistributedWeightedRandomSampler`` with the same weights and the epoch's draws split over the ranks
+    (each rank draws from its own shuffled share of the items, so the pseudo-labels' share holds on average over the
+    epoch, not exactly per rank); for the other stages ``monai.data.DistributedSampler`` (shuffled, evenly divisible).
+    """
+    mixed = _check_stage(stage) == "mixed"
+    if distributed:
+        from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+
+        if dataset is None:
+            raise ValueError("distributed=True needs the training dataset")
+        if not mixed:
+            return DistributedSampler(dataset, even_divisible=True, shuffle=True, **distributed_kwargs)
+        weights, n_draws = _mixed_weights(items, pseudo_share, repeats)
+        sampler = DistributedWeightedRandomSampler(dataset, weights.tolist(), even_divisible=True, **distributed_kwargs)
+        sampler.num_samples_per_rank = -(-n_draws // sampler.num_replicas)
+        return sampler
+    if not mixed:
+        return None
+    import torch
+
+    weights, n_draws = _mixed_weights(items, pseudo_share, repeats)
     return torch.utils.data.WeightedRandomSampler(
         torch.as_tensor(weights, dtype=torch.double), n_draws, replacement=True
     )

@@ -278,6 +278,32 @@ def test_mixed_sampler_draws_pseudo_labels_at_their_share():
         training_sampler("mixed", items[:40], pseudo_share=0.3)
 
 
+def test_distributed_mixed_sampler_splits_the_draws_over_ranks_at_the_same_share():
+    """multi_gpu_train.json: each of 2 ranks draws half the epoch from its own half of the items, pseudo-labels at
+    their share; the other stages get MONAI's DistributedSampler over the (repeated) items."""
+    from monai.data import DistributedSampler, DistributedWeightedRandomSampler
+
+    items = [{"source": "doctor"}] * 40 + [{"source": "pseudo"}] * 1311
+    dataset = list(range(len(items)))
+    seen = []
+    for rank in (0, 1):
+        sampler = training_sampler(
+            "mixed", items, 1 / 3, 4, dataset=dataset, distributed=True, num_replicas=2, rank=rank
+        )
+        assert isinstance(sampler, DistributedWeightedRandomSampler) and len(sampler) == 120  # 240 draws / 2 ranks
+        draws = []
+        for epoch in range(40):
+            sampler.set_epoch(epoch)
+            draws += list(sampler)
+        assert abs(np.mean([items[i]["source"] == "pseudo" for i in draws]) - 1 / 3) < 0.03
+        seen.append(set(draws))
+    assert len(seen[0] & set(range(40))) == 40 and len(seen[1] & set(range(40))) == 40  # every doctor slice, each rank
+    plain = training_sampler("supervised", items[:40], dataset=dataset[:40], distributed=True, num_replicas=2, rank=1)
+    assert isinstance(plain, DistributedSampler) and len(plain) == 20
+    with pytest.raises(ValueError, match="dataset"):
+        training_sampler("mixed", items, distributed=True, num_replicas=2, rank=0)
+
+
 @pytest.mark.parametrize("bundle_name", ["covid_ct_lesion_asegnet", "covid_ct_lesion_cosup_resunet"])
 def test_mixed_stage_real_run(shared_data, repo_root, tmp_path, bundle_name):
     """One real epoch of the mixed stage: batches hold doctor and pseudo-labelled slices, and the network trains."""
