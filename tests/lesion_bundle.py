@@ -45,6 +45,7 @@ def train_two_iterations_then_evaluate(bundle: Path, shared_data: Path, tmp_path
         "dataset_dir": str(shared_data),
         "ckpt_dir": str(tmp_path / "ckpt"),
         "output_dir": str(tmp_path / "eval"),
+        "stage": "supervised",  # these 4 doctor slices alone (Co-sup's default "mixed" also draws pseudo-labels)
         "train_datalist": slice_items(shared_data, ["0", "10", "2", "30"]),
         "val_datalist": slice_items(shared_data, ["52", "16"]),
         "batch_size": 2,

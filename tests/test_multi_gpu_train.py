@@ -33,6 +33,19 @@ def _lesion(shared_data: Path) -> dict:
     }
 
 
+def _lesion_mixed(shared_data: Path) -> dict:
+    """Co-sup's default "mixed" stage: 2 doctor + 2 pseudo-labelled slices of fold 0, drawn by the distributed
+    weighted sampler (round(2 * 1 / (2/3)) = 3 draws an epoch, 2 a rank)."""
+    return {
+        **_lesion(shared_data),
+        "stage": "mixed",
+        "fold": 0,
+        "pseudo_rewindow": True,
+        "train_datalist": "$(lambda x: x[:2] + x[-2:])(semi_supervised.training_items(@stage, @dataset_dir, @fold, "
+        "@n_folds, @epoch_repeats, @pseudo_rewindow))",
+    }
+
+
 def _cxr(shared_data: Path) -> dict:
     def per_class(part: str, counts: dict[str, int]) -> list[dict]:
         items = make_datalist("cxr_infection", shared_data, fold=0, part=part)
@@ -60,7 +73,7 @@ def _ctnet(shared_data: Path) -> dict:
 #: bundle -> (overrides, the key metric its MetricsSaver writes to output_dir/metrics.csv, or None without one)
 CASES = {
     "covid_ct_lesion_asegnet": (_lesion, "val_mean_dice"),
-    "covid_ct_lesion_cosup_resunet": (_lesion, "val_mean_dice"),
+    "covid_ct_lesion_cosup_resunet": (_lesion_mixed, "val_mean_dice"),
     "covid_cxr_infection_map_unet": (_cxr, None),
     "covid_ct_slice_ctnet": (_ctnet, "val_auc"),
 }
