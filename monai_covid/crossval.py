@@ -73,6 +73,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "asegnet": {},
         "segnet": {"network_def#attention": False},
         "asegnet_wide": {"network_def#channels": [16, 32, 64, 128, 256]},
+        "asegnet_instnorm": {"network_def#norm": "instance"},
         "unet": _STOCK_UNET,
         "basic_unet": _STOCK_BASIC_UNET,
         "attention_unet": {
@@ -102,6 +103,7 @@ LABELS = {
     "asegnet": "A-SegNet + focal Tversky",
     "segnet": "SegNet + focal Tversky",
     "asegnet_wide": "A-SegNet 2x width (16-256) + focal Tversky",
+    "asegnet_instnorm": "A-SegNet, instance norm instead of batch norm + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
     "unet": "MONAI UNet (16-256, 2 res units), the bundle's loss",  # the floor row of both lesion bundles
     "basic_unet": "MONAI BasicUNet (default features), the bundle's loss",
@@ -150,8 +152,10 @@ def check_same_run(bundle: Path, run_dir: Path, overrides: dict[str, Any]) -> No
     new = {k: v for k, v in json.loads(json.dumps(_run_overrides(bundle, run_dir, overrides))).items() if k != "resume"}
     if old != new:
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        raise SystemExit(f"[cv] {run_dir} holds a run with other settings (differs in: {', '.join(keys)}); "
-                         "use another --work_dir or remove that folder")
+        raise SystemExit(
+            f"[cv] {run_dir} holds a run with other settings (differs in: {', '.join(keys)}); "
+            "use another --work_dir or remove that folder"
+        )
 
 
 def train_one(bundle: Path, run_dir: Path, overrides: dict[str, Any], log_path: Path) -> subprocess.Popen:
@@ -312,9 +316,9 @@ def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict
                     "best_epoch": info.get("best_epoch", ""),
                     "epochs_run": info.get("epochs_run", ""),
                     "seconds_per_epoch": round(info["seconds_per_epoch"], 1) if "seconds_per_epoch" in info else "",
-                    "cpu_seconds_per_epoch": round(info["cpu_seconds_per_epoch"], 1)
-                    if "cpu_seconds_per_epoch" in info
-                    else "",
+                    "cpu_seconds_per_epoch": (
+                        round(info["cpu_seconds_per_epoch"], 1) if "cpu_seconds_per_epoch" in info else ""
+                    ),
                 }
             )
     lines = [
@@ -327,9 +331,13 @@ def summarise(per_image: list[dict[str, Any]], infos: dict[tuple[str, int], dict
             f"{r['sensitivity']:.3f} | {r['specificity']:.3f} | {r['best_epoch']} / {r['epochs_run']} | "
             f"{r['seconds_per_epoch']} | {r['cpu_seconds_per_epoch']} |"
         )
-    lines += ["", "Mean ± sd over folds (each fold: mean over its images):", "",
-              "| model | Dice | sensitivity | specificity | Dice 95 % CI | specificity 95 % CI |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Mean ± sd over folds (each fold: mean over its images):",
+        "",
+        "| model | Dice | sensitivity | specificity | Dice 95 % CI | specificity 95 % CI |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in variants:
         fr = [r for r in folds_rows if r["variant"] == v]
         lines.append(
@@ -381,18 +389,28 @@ def _write_pseudo_holdout(rows: list[dict[str, Any]], docs: Path, argv: Sequence
         return
     atomic_write_csv(docs / "pseudo_holdout.csv", rows, list(rows[0]))
     patients = sorted({r["patient"] for r in rows})
-    lines = ["| model | " + " | ".join(f"{p} Dice" for p in patients) + " | all slices: Dice | soft Dice | specificity |",
-             "|---|" + "---|" * (len(patients) + 3)]
+    lines = [
+        "| model | " + " | ".join(f"{p} Dice" for p in patients) + " | all slices: Dice | soft Dice | specificity |",
+        "|---|" + "---|" * (len(patients) + 3),
+    ]
     for v in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == v]
         per_p = [np.mean([r["dice"] for r in rs if r["patient"] == p]) for p in patients]
-        lines.append(f"| {LABELS.get(v, v)} | " + " | ".join(f"{x:.3f}" for x in per_p)
-                     + f" | {np.mean([r['dice'] for r in rs]):.3f} | {np.mean([r['soft_dice'] for r in rs]):.3f} | "
-                     + f"{np.nanmean([r['specificity'] for r in rs]):.3f} |")
+        lines.append(
+            f"| {LABELS.get(v, v)} | "
+            + " | ".join(f"{x:.3f}" for x in per_p)
+            + f" | {np.mean([r['dice'] for r in rs]):.3f} | {np.mean([r['soft_dice'] for r in rs]):.3f} | "
+            + f"{np.nanmean([r['specificity'] for r in rs]):.3f} |"
+        )
     n = len({r["image"] for r in rows})
-    lines += ["", f"{n} slices of {len(patients)} held-out patients, pseudo-labels thresholded at 128 (soft Dice: "
-              "against the probability map); the pre-trained weights before any fine-tuning.", "",
-              "Command: `python -m monai_covid.crossval " + " ".join(str(x) for x in argv) + "`", ""]
+    lines += [
+        "",
+        f"{n} slices of {len(patients)} held-out patients, pseudo-labels thresholded at 128 (soft Dice: "
+        "against the probability map); the pre-trained weights before any fine-tuning.",
+        "",
+        "Command: `python -m monai_covid.crossval " + " ".join(str(x) for x in argv) + "`",
+        "",
+    ]
     atomic_write_text(docs / "pseudo_holdout.md", "\n".join(lines))
 
 
@@ -414,11 +432,19 @@ def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Seque
     for i, v in enumerate(variants):
         c = f"C{i}"
         pre = val(work_dir / f"{v}_pretrain.log")
-        axes[0].plot([r["epoch"] for r in pre], [r["val_mean_dice"] for r in pre], "o-", color=c, label=LABELS.get(v, v))
+        axes[0].plot(
+            [r["epoch"] for r in pre], [r["val_mean_dice"] for r in pre], "o-", color=c, label=LABELS.get(v, v)
+        )
         curves = [val(work_dir / f"{v}_fold{f}.log") for f in folds]
         for k, rows in enumerate(curves):
-            axes[1].plot([r["epoch"] for r in rows], [r["val_mean_dice"] for r in rows], color=c, lw=0.7, alpha=0.5,
-                         label=LABELS.get(v, v) + " (each fold; thick: mean)" if k == 0 else None)
+            axes[1].plot(
+                [r["epoch"] for r in rows],
+                [r["val_mean_dice"] for r in rows],
+                color=c,
+                lw=0.7,
+                alpha=0.5,
+                label=LABELS.get(v, v) + " (each fold; thick: mean)" if k == 0 else None,
+            )
         n = min((len(r) for r in curves if r), default=0)
         if n:
             mean = [np.mean([rows[e]["val_mean_dice"] for rows in curves if len(rows) >= n]) for e in range(n)]
@@ -474,8 +500,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         pre = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.pretrain_set)}
         pre_jobs = []
         for v in a.variants or [shipped]:
-            ov = {**common, **variants[v], "stage": "pretrain", "fold": None, "max_epochs": a.pretrain_epochs,
-                  "early_stop_patience": a.pretrain_epochs, **pre}
+            ov = {
+                **common,
+                **variants[v],
+                "stage": "pretrain",
+                "fold": None,
+                "max_epochs": a.pretrain_epochs,
+                "early_stop_patience": a.pretrain_epochs,
+                **pre,
+            }
             pre_jobs.append(((v, "pretrain"), a.work_dir / v / "pretrain", ov, a.work_dir / f"{v}_pretrain.log"))
         _run_all(pre_jobs, bundle, a.jobs)
         rows = []
@@ -522,8 +555,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not epochs:
             raise SystemExit(f"--final needs --final_epochs or finished {shipped} CV runs")
         run_dir = a.work_dir / "final"
-        ov = {**common, "fold": None, "max_epochs": epochs, "val_interval": epochs, "early_stop_patience": epochs,
-              **({"pretrain_ckpt": pretrained[shipped]} if shipped in pretrained else {})}
+        ov = {
+            **common,
+            "fold": None,
+            "max_epochs": epochs,
+            "val_interval": epochs,
+            "early_stop_patience": epochs,
+            **({"pretrain_ckpt": pretrained[shipped]} if shipped in pretrained else {}),
+        }
         print(f"[cv] final model: all slices, {epochs} epochs", flush=True)
         _run_all([("final", run_dir, ov, a.work_dir / "final.log")], bundle, 1)
         save_fp16(run_dir / "model_final.pt", bundle / "models" / "model.pt")

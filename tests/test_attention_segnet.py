@@ -12,8 +12,13 @@ CASES = [
     ({"channels": (4, 8, 16), "convs_per_stage": (2, 2, 2)}, (2, 1, 64, 64), (2, 2, 64, 64)),
     ({"channels": (4, 8, 16), "convs_per_stage": (2, 2, 2), "attention": False}, (2, 1, 64, 48), (2, 2, 64, 48)),
     ({"channels": (8, 16, 32, 64, 128), "convs_per_stage": (2, 2, 2, 2, 2)}, (1, 1, 256, 256), (1, 2, 256, 256)),
-    ({"channels": (4, 8), "convs_per_stage": (1, 2), "out_channels": 3, "in_channels": 2}, (1, 2, 32, 16), (1, 3, 32, 16)),
+    (
+        {"channels": (4, 8), "convs_per_stage": (1, 2), "out_channels": 3, "in_channels": 2},
+        (1, 2, 32, 16),
+        (1, 3, 32, 16),
+    ),
     ({"spatial_dims": 3, "channels": (4, 8), "convs_per_stage": (1, 1)}, (1, 1, 16, 16, 8), (1, 2, 16, 16, 8)),
+    ({"channels": (4, 8, 16), "convs_per_stage": (2, 2, 2), "norm": "instance"}, (2, 1, 64, 64), (2, 2, 64, 64)),
 ]
 
 
@@ -28,6 +33,22 @@ def test_shapes(kwargs, in_shape, out_shape):
     assert len(net.last_attention) == n_gates
     for a in net.last_attention:
         assert a.shape[1] == 1 and ((a > 0) & (a < 1)).all()
+
+
+def test_norm_switch_replaces_every_batch_norm():
+    """``norm="instance"``: no BatchNorm left (no running statistics), each image normalised on its own, so an
+    image's output does not depend on the rest of the batch in training mode; ``"batch"`` keeps the shipped keys."""
+    kw = {"channels": (4, 8, 16), "convs_per_stage": (2, 2, 2)}
+    inst, bn = AttentionSegNet(norm="instance", **kw), AttentionSegNet(**kw)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in inst.modules())
+    assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in inst.modules()) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()
+    )
+    assert not any("running_mean" in k for k in inst.state_dict())
+    x = torch.randn(3, 1, 32, 32)
+    inst.train(), bn.train()
+    assert torch.allclose(inst(x)[:1], inst(x[:1]), atol=1e-5)
+    assert not torch.allclose(bn(x)[:1], bn(x[:1]), atol=1e-5)
 
 
 def test_plain_segnet_has_no_gates_and_fewer_parameters():

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai.networks.layers.factories import Conv, Norm, Pool
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.utils import get_norm_layer
 
 __all__ = ["AttentionGate", "AttentionSegNet"]
 
@@ -55,17 +56,19 @@ PAPER_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
 PAPER_CONVS: tuple[int, ...] = (2, 2, 3, 3, 3)
 
 
-def _conv_bn_relu(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3) -> nn.Sequential:
+def _conv_bn_relu(
+    spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, norm: str | tuple = "batch"
+) -> nn.Sequential:
     return nn.Sequential(
         Conv[Conv.CONV, spatial_dims](in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-        Norm[Norm.BATCH, spatial_dims](out_ch),
+        get_norm_layer(norm, spatial_dims, out_ch),
         nn.ReLU(inplace=True),
     )
 
 
-def _stage(spatial_dims: int, in_ch: int, out_ch: int, n_convs: int) -> nn.Sequential:
-    layers = [_conv_bn_relu(spatial_dims, in_ch, out_ch)]
-    layers += [_conv_bn_relu(spatial_dims, out_ch, out_ch) for _ in range(n_convs - 1)]
+def _stage(spatial_dims: int, in_ch: int, out_ch: int, n_convs: int, norm: str | tuple = "batch") -> nn.Sequential:
+    layers = [_conv_bn_relu(spatial_dims, in_ch, out_ch, norm=norm)]
+    layers += [_conv_bn_relu(spatial_dims, out_ch, out_ch, norm=norm) for _ in range(n_convs - 1)]
     return nn.Sequential(*layers)
 
 
@@ -105,6 +108,8 @@ class AttentionSegNet(nn.Module):
         convs_per_stage: conv-BN-ReLU blocks per encoder (and mirrored decoder) stage; paper ``PAPER_CONVS``.
         attention: add attention gates on the skip connections (A-SegNet); ``False`` gives plain SegNet.
         attention_reduction: ``inter_channels = max(1, x_channels // attention_reduction)`` in each gate.
+        norm: normalisation after every convolution, a MONAI norm spec (``get_norm_layer``): ``"batch"`` as in
+            SegNet and the paper; ``"instance"`` (affine-free, as in MONAI's UNet) is an option of this library.
 
     Input ``(B, in_channels, *spatial)``, every spatial size divisible by ``2 ** len(channels)``;
     output logits ``(B, out_channels, *spatial)``.
@@ -119,6 +124,7 @@ class AttentionSegNet(nn.Module):
         convs_per_stage: Sequence[int] = (2, 2, 3, 3, 3),
         attention: bool = True,
         attention_reduction: int = 2,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         if len(channels) != len(convs_per_stage):
@@ -135,7 +141,7 @@ class AttentionSegNet(nn.Module):
         self.encoders = nn.ModuleList()
         prev = in_channels
         for c, n in zip(chans, convs_per_stage):
-            self.encoders.append(_stage(spatial_dims, prev, c, n))
+            self.encoders.append(_stage(spatial_dims, prev, c, n, norm))
             prev = c
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2, return_indices=True)
         # unpooling is a function call in forward: nn.MaxUnpool2d does not compile with TorchScript (torch 2.13)
@@ -144,7 +150,8 @@ class AttentionSegNet(nn.Module):
         self.decoders = nn.ModuleList()
         for i, (c, n) in enumerate(zip(chans, convs_per_stage)):
             out_c = chans[i - 1] if i > 0 else chans[0]
-            layers = [_conv_bn_relu(spatial_dims, c, c) for _ in range(n - 1)] + [_conv_bn_relu(spatial_dims, c, out_c)]
+            layers = [_conv_bn_relu(spatial_dims, c, c, norm=norm) for _ in range(n - 1)]
+            layers += [_conv_bn_relu(spatial_dims, c, out_c, norm=norm)]
             self.decoders.append(nn.Sequential(*layers))
 
         # gates on the skips of stages 0..L-2 (the deepest pooled map is the decoder input itself)
@@ -153,7 +160,7 @@ class AttentionSegNet(nn.Module):
         if attention:
             for c in chans[:-1]:
                 self.gates.append(AttentionGate(spatial_dims, c, c, max(1, c // attention_reduction)))
-                self.fuse.append(_conv_bn_relu(spatial_dims, 2 * c, c, kernel_size=1))
+                self.fuse.append(_conv_bn_relu(spatial_dims, 2 * c, c, kernel_size=1, norm=norm))
         self.head = Conv[Conv.CONV, spatial_dims](chans[0], out_channels, 1)
         # the gates' alphas of the last eager forward, coarsest first (not an attribute of a scripted model)
         self.last_attention = []
