@@ -414,9 +414,12 @@ def _write_pseudo_holdout(rows: list[dict[str, Any]], docs: Path, argv: Sequence
     atomic_write_text(docs / "pseudo_holdout.md", "\n".join(lines))
 
 
-def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Sequence[int], docs: Path) -> None:
-    """learning_curves.png: validation Dice by epoch, pre-training (held-out patients' pseudo-labels) and
-    fine-tuning (each fold's doctor slices), from the runs' logs."""
+def _write_learning_curves(
+    work_dir: Path, variants: Sequence[str], folds: Sequence[int], docs: Path, pretrained: bool = False
+) -> None:
+    """learning_curves.png from the runs' logs: validation Dice by epoch on each fold's held-out doctor slices (thin:
+    each fold, thick: their mean) and, with ``pretrained``, a first panel for the pre-training (held-out patients'
+    pseudo-labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,16 +431,18 @@ def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Seque
     def val(log: Path) -> list[dict]:
         return [r for r in read_epoch_metrics(log) if "val_mean_dice" in r] if log.is_file() else []
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    fig, axes = plt.subplots(1, 2 if pretrained else 1, figsize=(9 if pretrained else 5.4, 3.6), dpi=90, squeeze=False)
+    axes = axes[0]
     for i, v in enumerate(variants):
         c = f"C{i}"
-        pre = val(work_dir / f"{v}_pretrain.log")
-        axes[0].plot(
-            [r["epoch"] for r in pre], [r["val_mean_dice"] for r in pre], "o-", color=c, label=LABELS.get(v, v)
-        )
+        if pretrained:
+            pre = val(work_dir / f"{v}_pretrain.log")
+            axes[0].plot(
+                [r["epoch"] for r in pre], [r["val_mean_dice"] for r in pre], "o-", color=c, label=LABELS.get(v, v)
+            )
         curves = [val(work_dir / f"{v}_fold{f}.log") for f in folds]
         for k, rows in enumerate(curves):
-            axes[1].plot(
+            axes[-1].plot(
                 [r["epoch"] for r in rows],
                 [r["val_mean_dice"] for r in rows],
                 color=c,
@@ -448,9 +453,11 @@ def _write_learning_curves(work_dir: Path, variants: Sequence[str], folds: Seque
         n = min((len(r) for r in curves if r), default=0)
         if n:
             mean = [np.mean([rows[e]["val_mean_dice"] for rows in curves if len(rows) >= n]) for e in range(n)]
-            axes[1].plot(range(1, n + 1), mean, color=c, lw=2.2)
-    axes[0].set_title("pre-training: Dice vs pseudo-labels of 4 held-out patients", fontsize=8)
-    axes[1].set_title("fine-tuning on 40 doctor slices: Dice on the fold's 10 held-out slices", fontsize=8)
+            axes[-1].plot(range(1, n + 1), mean, color=c, lw=2.2)
+    if pretrained:
+        axes[0].set_title("pre-training: Dice vs pseudo-labels of 4 held-out patients", fontsize=8)
+    stage = "fine-tuning" if pretrained else "training"
+    axes[-1].set_title(f"{stage}: Dice on the fold's 10 held-out doctor slices", fontsize=8)
     for ax in axes:
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("validation Dice (256 px)", fontsize=8)
@@ -546,8 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_csv(docs / "cv_folds.csv", folds_rows, list(folds_rows[0]))
         atomic_write_text(docs / "cv_results.md", md)
         print(md, flush=True)
-    if pretrained:
-        _write_learning_curves(a.work_dir, a.variants or [shipped], a.folds, docs)
+    if per_image:
+        _write_learning_curves(a.work_dir, a.variants or [shipped], a.folds, docs, pretrained=bool(pretrained))
 
     if a.final:
         best = [i["best_epoch"] for (v, _), i in infos.items() if v == shipped]

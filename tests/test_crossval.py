@@ -89,8 +89,9 @@ def test_a_work_dir_run_of_other_settings_is_never_reused(tmp_path):
     run_dir = tmp_path / "basic_unet" / "fold0"
     run_dir.mkdir(parents=True)
     ov = {"fold": 0, "resume": True, "network_def": {"_target_": "BasicUNet", "spatial_dims": 2}}
-    (run_dir / "overrides.json").write_text(json.dumps({"bundle_root": str(aseg), "ckpt_dir": str(run_dir),
-                                                        "output_dir": str(run_dir), **ov}))
+    (run_dir / "overrides.json").write_text(
+        json.dumps({"bundle_root": str(aseg), "ckpt_dir": str(run_dir), "output_dir": str(run_dir), **ov})
+    )
     (run_dir / "train_info.json").write_text("{}")
     check_same_run(aseg, run_dir, {**ov, "resume": False})  # same run, with or without --resume
     _run_all([("basic_unet", run_dir, ov, tmp_path / "log")], aseg, 1)  # reused: nothing is started
@@ -99,3 +100,33 @@ def test_a_work_dir_run_of_other_settings_is_never_reused(tmp_path):
         _run_all([("basic_unet", run_dir, ov, tmp_path / "log")], cosup, 1)
     with pytest.raises(SystemExit, match="loss"):
         check_same_run(aseg, run_dir, {**ov, "loss": {"_target_": "DiceCELoss"}})
+
+
+def test_learning_curves_from_real_log_lines(tmp_path):
+    """learning_curves.png from the StatsHandler lines of the fold logs, with and without a pre-training panel."""
+    from PIL import Image
+
+    from monai_covid.crossval import _write_learning_curves
+
+    for f in (0, 1):
+        lines = [
+            f"2026-12-05 08:07:47,043 - INFO - Epoch[{e}] Metrics -- val_mean_dice: {0.5 + 0.05 * e + 0.01 * f:.4f} "
+            "val_sensitivity: 0.7962 val_specificity: 0.8856 " + "\n"
+            f"2026-12-05 08:07:47,051 - INFO - Epoch[{e}] Metrics -- train_mean_dice: 0.2825 "
+            for e in (1, 2, 3)
+        ]
+        (tmp_path / f"unet_fold{f}.log").write_text("\n".join(lines) + "\n")
+    _write_learning_curves(tmp_path, ["unet"], [0, 1], tmp_path / "one")
+    one = Image.open(tmp_path / "one" / "learning_curves.png")
+    (tmp_path / "unet_pretrain.log").write_text("x - INFO - Epoch[1] Metrics -- val_mean_dice: 0.3000\n")
+    _write_learning_curves(tmp_path, ["unet"], [0, 1], tmp_path / "two", pretrained=True)
+    two = Image.open(tmp_path / "two" / "learning_curves.png")
+    assert one.width < two.width and one.height == two.height  # one panel, or pre-training beside it
+    # the curves are drawn in the variant's colour (matplotlib C0, #1f77b4); an empty plot has none of it
+    rgb = np.asarray(one.convert("RGB")).astype(int)
+    assert (np.abs(rgb - [31, 119, 180]).sum(axis=-1) < 30).sum() > 200
+    (tmp_path / "unet_fold0.log").write_text("no metrics here\n")
+    (tmp_path / "unet_fold1.log").write_text("no metrics here\n")
+    _write_learning_curves(tmp_path, ["unet"], [0, 1], tmp_path / "empty")
+    rgb = np.asarray(Image.open(tmp_path / "empty" / "learning_curves.png").convert("RGB")).astype(int)
+    assert (np.abs(rgb - [31, 119, 180]).sum(axis=-1) < 30).sum() == 0
