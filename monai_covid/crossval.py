@@ -93,6 +93,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "cosup_no_edge": {"network_def#edge": False},
         "cosup_no_aux": {"network_def#aux": False},
         "cosup_no_fusion": {"network_def#fusion": False},
+        "cosup_instnorm": {"network_def#norm": "instance"},
         "unet": _STOCK_UNET,  # trained with this bundle's train.json (CoSupervisionLoss: segmentation term only)
         "basic_unet": _STOCK_BASIC_UNET,
     },
@@ -110,6 +111,7 @@ LABELS = {
     "asegnet_tta": "A-SegNet + focal Tversky, flip TTA",
     "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
     "resunet": "ResUnet baseline",
+    "cosup_instnorm": "Co-supervision ResUnet, instance norm instead of batch norm",
     "cosup_no_edge": "without ESM (edge)",
     "cosup_no_aux": "without ASSM (auxiliary)",
     "cosup_no_fusion": "without AFM (attention fusion)",

@@ -57,6 +57,20 @@ def test_heads_in_train_and_eval_mode(switches):
     assert ("fusion_gate" in names) == switches.get("fusion", True)
 
 
+def test_norm_switch_keeps_the_shipped_keys_and_drops_batch_statistics():
+    """``norm="batch"`` (default) loads the shipped weights strictly; ``"instance"`` has no BatchNorm and normalises each
+    image on its own (an image's training-mode output does not depend on the rest of the batch)."""
+    shipped = torch.load(REPO / "bundles/covid_ct_lesion_cosup_resunet/models/model.pt", weights_only=True)
+    CoSupResUnet().load_state_dict(shipped)
+    inst = CoSupResUnet(channels=(4, 8, 16, 32), norm="instance").train()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in inst.modules())
+    assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in inst.modules()) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in CoSupResUnet(channels=(4, 8, 16, 32)).modules()
+    )
+    x = torch.randn(3, 1, 32, 32)
+    assert torch.allclose(inst(x)["seg"][:1], inst(x[:1])["seg"], atol=1e-5)
+
+
 def test_3d_and_bad_arguments():
     net = CoSupResUnet(spatial_dims=3, channels=(2, 4, 8, 16)).eval()
     assert net(torch.rand(1, 1, 8, 8, 8)).shape == (1, 2, 8, 8, 8)

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai.networks.blocks import ResidualUnit
-from monai.networks.layers.factories import Conv, Norm
+from monai.networks.layers.factories import Conv
+from monai.networks.layers.utils import get_norm_layer
 
 __all__ = ["CoSupResUnet", "seg_logits"]
 
@@ -54,10 +55,12 @@ def seg_logits(output: torch.Tensor | Mapping[str, Any]) -> torch.Tensor:
     return output["seg"] if isinstance(output, Mapping) else output
 
 
-def _conv_bn_relu(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3) -> nn.Sequential:
+def _conv_bn_relu(
+    spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3, norm: str | tuple = "batch"
+) -> nn.Sequential:
     return nn.Sequential(
         Conv[Conv.CONV, spatial_dims](in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-        Norm[Norm.BATCH, spatial_dims](out_ch),
+        get_norm_layer(norm, spatial_dims, out_ch),
         nn.ReLU(inplace=True),
     )
 
@@ -97,6 +100,8 @@ class CoSupResUnet(nn.Module):
         aux: Auxiliary Semantic Supervised Module (deep-supervision heads on the coarsest decoder stages).
         aux_levels: how many decoder stages get an auxiliary head, coarsest first.
         fusion: Attention Fusion Module before the segmentation head.
+        norm: normalisation of every residual unit and conv block, a MONAI norm spec (``get_norm_layer``):
+            ``"batch"`` (the shipped models), or e.g. ``"instance"`` (affine-free, as in MONAI's UNet).
     """
 
     # constants for TorchScript: a branch on a switched-off module (an absent submodule) is not compiled
@@ -112,6 +117,7 @@ class CoSupResUnet(nn.Module):
         aux: bool = True,
         aux_levels: int = 2,
         fusion: bool = True,
+        norm: str | tuple = "batch",
     ) -> None:
         super().__init__()
         ch = tuple(int(c) for c in channels)
@@ -122,7 +128,7 @@ class CoSupResUnet(nn.Module):
         self.spatial_dims, self.use_edge, self.use_aux, self.use_fusion = spatial_dims, edge, aux, fusion
 
         def res_unit(cin: int, cout: int, stride: int) -> ResidualUnit:
-            return ResidualUnit(spatial_dims, cin, cout, strides=stride, subunits=2, act="RELU", norm="BATCH")
+            return ResidualUnit(spatial_dims, cin, cout, strides=stride, subunits=2, act="RELU", norm=norm)
 
         self.encoder = nn.ModuleList(
             [res_unit(in_channels, ch[0], 1)] + [res_unit(ch[i - 1], ch[i], 2) for i in range(1, len(ch))]
@@ -134,7 +140,7 @@ class CoSupResUnet(nn.Module):
         conv1 = Conv[Conv.CONV, spatial_dims]
 
         if edge:
-            self.edge_block = _conv_bn_relu(spatial_dims, ch[0] + ch[1], ch[0])
+            self.edge_block = _conv_bn_relu(spatial_dims, ch[0] + ch[1], ch[0], norm=norm)
             self.edge_head = conv1(ch[0], 1, 1)
         if aux:
             # decoder stages len(ch)-2, len(ch)-3, ...: the coarsest (most semantic) ones
@@ -145,7 +151,7 @@ class CoSupResUnet(nn.Module):
             self.fusion_proj = nn.ModuleList([conv1(ch[i], ch[0], 1) for i in (1, 2)])
             n_branches = 3 + int(edge)
             self.fusion_gate = nn.Sequential(
-                _conv_bn_relu(spatial_dims, n_branches * ch[0], ch[0]), conv1(ch[0], n_branches, 1)
+                _conv_bn_relu(spatial_dims, n_branches * ch[0], ch[0], norm=norm), conv1(ch[0], n_branches, 1)
             )
         self.head = conv1(ch[0], out_channels, 1)
 
