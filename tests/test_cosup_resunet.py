@@ -58,8 +58,8 @@ def test_heads_in_train_and_eval_mode(switches):
 
 
 def test_norm_switch_keeps_the_shipped_keys_and_drops_batch_statistics():
-    """``norm="batch"`` (default) loads the shipped weights strictly; ``"instance"`` has no BatchNorm and normalises each
-    image on its own (an image's training-mode output does not depend on the rest of the batch)."""
+    """``norm="batch"`` (default) loads the shipped weights strictly; ``"instance"`` has no BatchNorm and normalises
+    each image on its own (an image's training-mode output does not depend on the rest of the batch)."""
     shipped = torch.load(REPO / "bundles/covid_ct_lesion_cosup_resunet/models/model.pt", weights_only=True)
     CoSupResUnet().load_state_dict(shipped)
     inst = CoSupResUnet(channels=(4, 8, 16, 32), norm="instance").train()
