@@ -45,6 +45,7 @@ __all__ = [
     "ct_slices_ucsd_datalist",
     "ct_dicom_datalist",
     "ct_slices_extra_datalist",
+    "ct_lesion_negatives_datalist",
     "CT_DISPLAY_WINDOW",
     "split_by_fold",
     "oversample",
@@ -382,6 +383,65 @@ def ct_slices_extra_datalist(
         for inst, png in sorted(pngs.items()):
             label = int(d["slice_labels"].get(inst, 0)) if d["label"] else 0
             items.append({"image": str(png), "label": label, "group": f"ctmd:{d['series_id']}", "fold": -1})
+    return items
+
+
+def ct_lesion_negatives_datalist(
+    data_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    series: Sequence[str] = ("P001",),
+    every: int = 2,
+) -> list[dict[str, Any]]:
+    """Lesion-free CT slices in the form the lesion models see a HU volume at inference, with empty masks (issue 18:
+    negatives for the CT lesion bundles, ``"negatives": true`` in their ``train.json``; never a validation item).
+
+    The slices of the ``ct_dicom`` ``series`` that ``slice_labels.csv`` marks as without infection (a radiologist's
+    slice label), every ``every``-th of them (neighbours are near-identical), rendered as
+    :func:`monai_covid.inference.lesion.segment_volume` feeds a volume to the network: cropped in-plane to the
+    series' lung box (``data_prep.lung.lung_mask``, ``lung_bbox``) and windowed with ``HU_WINDOW`` to 8 bits. Written
+    once as PNG (slice and an all-zero mask, atomically) under ``cache_dir`` (default: the system temporary folder;
+    never inside ``data_dir``). The default is P001's lesion-free slices only: normal001, the normal series, stays
+    held out, since "normal001 near 0 mL" is the check of a lesion model on HU input.
+
+    Items: ``image``, ``label`` (mask png), ``series_id``, ``instance``.
+    """
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.io import read_dicom_series
+    from data_prep.lung import lung_mask
+    from monai_covid.inference.lesion import HU_WINDOW, lung_bbox
+
+    root = Path(data_dir)
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "monai_covid_ct_lesion_negatives"
+    lo, hi = HU_WINDOW
+    wanted = set(series)
+    items: list[dict[str, Any]] = []
+    for d in ct_dicom_datalist(root):
+        if d["series_id"] not in wanted:
+            continue
+        free = sorted(inst for inst, infected in d["slice_labels"].items() if not infected)[:: max(int(every), 1)]
+        if not free:
+            continue
+        out_dir = cache / f"{d['series_id']}_{lo:g}_{hi:g}_every{int(every)}"
+        paths = {inst: (out_dir / f"{inst}.png", out_dir / f"{inst}_mask.png") for inst in free}
+        if not all(img.is_file() and msk.is_file() for img, msk in paths.values()):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            vol = read_dicom_series(Path(d["image"]))
+            box = lung_bbox(lung_mask(vol.array, vol.spacing))
+            ys, xs = box if box is not None else (slice(None), slice(None))
+            index = {int(inst): z for z, inst in enumerate(vol.instance_numbers)}
+            for inst, (img_path, msk_path) in paths.items():
+                hu = np.asarray(vol.array[index[inst]][ys, xs], np.float32)
+                grey = np.round(np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+                for arr, path in ((grey, img_path), (np.zeros_like(grey), msk_path)):
+                    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+                    Image.fromarray(arr).save(tmp)
+                    os.replace(tmp, path)
+        for inst, (img_path, msk_path) in paths.items():
+            items.append({"image": str(img_path), "label": str(msk_path), "series_id": d["series_id"], "instance": inst})
     return items
 
 

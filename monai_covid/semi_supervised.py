@@ -70,21 +70,26 @@ def training_items(
     n_folds: int = 5,
     repeats: int = 1,
     rewindow: bool = False,
+    negatives: bool = False,
 ) -> list[dict[str, Any]]:
     """Training items of ``stage``: the pre-training patients' pseudo-labelled slices (once each: 1,311 slices are
     enough draws an epoch; ``rewindow``: each volume's grey scale mapped onto the doctor slices') or the doctor
     slices of the fold's training part, each ``repeats`` times. ``"mixed"``: the fold's doctor slices once each and
     the pre-training patients' pseudo-labelled slices (every patient's with ``fold=None``), all items with the same
     keys (``image``, ``label``, ``grey_map``, ``source`` ``"doctor"`` / ``"pseudo"``) so that one batch can hold
-    both; :func:`training_sampler` draws them."""
-    from data_prep.datalists import make_datalist
+    both; :func:`training_sampler` draws them.
+
+    ``negatives=True`` (``"supervised"``, ``"finetune"`` and ``"mixed"``) adds lesion-free HU slices with empty masks
+    (:func:`data_prep.datalists.ct_lesion_negatives_datalist`: every 2nd lesion-free slice of P001, lung-box
+    cropped and windowed as at inference; ``source`` ``"negative"``), once each an epoch in the supervised stages
+    (34 against 4 x 40 doctor draws in a CV fold); in ``"mixed"`` they are drawn like doctor slices. Every item then has the keys of the mixed stage."""
+    from data_prep.datalists import ct_lesion_negatives_datalist, make_datalist
 
     if _check_stage(stage) == "pretrain":
         return make_datalist("ct_lesion_pseudo", data_dir, part="train", rewindow=rewindow)
     doctor = make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="train")
-    if stage != "mixed":
+    if stage != "mixed" and not negatives:
         return doctor * int(repeats)
-    pseudo = make_datalist("ct_lesion_pseudo", data_dir, part="train" if fold is not None else "all", rewindow=rewindow)
 
     def item(d: dict[str, Any], source: str) -> dict[str, Any]:
         return {
@@ -94,7 +99,11 @@ def training_items(
             "source": source,
         }
 
-    return [item(d, "doctor") for d in doctor] + [item(d, "pseudo") for d in pseudo]
+    negative = [item(d, "negative") for d in ct_lesion_negatives_datalist(data_dir)] if negatives else []
+    if stage != "mixed":
+        return [item(d, "doctor") for d in doctor] * int(repeats) + negative
+    pseudo = make_datalist("ct_lesion_pseudo", data_dir, part="train" if fold is not None else "all", rewindow=rewindow)
+    return [item(d, "doctor") for d in doctor] + negative + [item(d, "pseudo") for d in pseudo]
 
 
 def _mixed_weights(items: Sequence[dict[str, Any]], pseudo_share: float, repeats: int) -> tuple[np.ndarray, int]:
@@ -110,7 +119,7 @@ def _mixed_weights(items: Sequence[dict[str, Any]], pseudo_share: float, repeats
             f"the mixed stage needs doctor and pseudo-labelled items (source 'doctor' / 'pseudo'), got {n_doctor} and "
             f'{n_pseudo}; to train on your own labelled slices only, set "stage": "supervised"'
         )
-    weights = np.where(pseudo, share / max(n_pseudo, 1), (1.0 - share) / n_doctor)
+    weights = np.where(pseudo, share / max(n_pseudo, 1), (1.0 - share) / n_doctor)  # negatives: drawn like doctor
     return weights, int(round(n_doctor * int(repeats) / (1.0 - share)))
 
 
