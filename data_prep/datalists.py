@@ -441,7 +441,9 @@ def ct_lesion_negatives_datalist(
                     Image.fromarray(arr).save(tmp)
                     os.replace(tmp, path)
         for inst, (img_path, msk_path) in paths.items():
-            items.append({"image": str(img_path), "label": str(msk_path), "series_id": d["series_id"], "instance": inst})
+            items.append(
+                {"image": str(img_path), "label": str(msk_path), "series_id": d["series_id"], "instance": inst}
+            )
     return items
 
 
@@ -497,7 +499,9 @@ def make_datalist(
     elif name in _BUILDERS:
         items = _BUILDERS[name](data_dir, n_folds=n_folds)
     else:
-        raise ValueError(f"unknown data set {name!r}; choose from {sorted([*_BUILDERS, 'ct_dicom', 'ct_lesion_pseudo'])}")
+        raise ValueError(
+            f"unknown data set {name!r}; choose from {sorted([*_BUILDERS, 'ct_dicom', 'ct_lesion_pseudo'])}"
+        )
     if fold is None or part == "all":
         return items
     train, val = split_by_fold(items, fold)

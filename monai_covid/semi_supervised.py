@@ -82,7 +82,8 @@ def training_items(
     ``negatives=True`` (``"supervised"``, ``"finetune"`` and ``"mixed"``) adds lesion-free HU slices with empty masks
     (:func:`data_prep.datalists.ct_lesion_negatives_datalist`: every 2nd lesion-free slice of P001, lung-box
     cropped and windowed as at inference; ``source`` ``"negative"``), once each an epoch in the supervised stages
-    (34 against 4 x 40 doctor draws in a CV fold); in ``"mixed"`` they are drawn like doctor slices. Every item then has the keys of the mixed stage."""
+    (34 against 4 x 40 doctor draws in a CV fold); in ``"mixed"`` they are drawn like doctor slices. Every item then has the keys of the mixed stage.
+    """
     from data_prep.datalists import ct_lesion_negatives_datalist, make_datalist
 
     if _check_stage(stage) == "pretrain":

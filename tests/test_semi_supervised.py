@@ -330,3 +330,80 @@ def test_mixed_stage_real_run(shared_data, repo_root, tmp_path, bundle_name):
     assert len(sources) == 24 and set(sources) == {"doctor", "pseudo"}
     after = torch.load(tmp_path / "model_final.pt", weights_only=True)
     assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after)
+
+
+def test_real_negatives_are_p001_lesion_free_slices_as_segment_volume_sees_them(shared_data, tmp_path):
+    """Issue 18 negatives: every 2nd slice of P001 without infection (radiologist slice labels), lung-box cropped and
+    windowed exactly as segment_volume feeds a HU volume, with empty masks; normal001 stays out (the held-out check)."""
+    from data_prep.datalists import ct_dicom_datalist, ct_lesion_negatives_datalist
+    from data_prep.io import read_dicom_series
+    from data_prep.lung import lung_mask
+    from monai_covid.inference.lesion import HU_WINDOW, lung_bbox
+
+    cache = tmp_path / "cache"
+    items = ct_lesion_negatives_datalist(shared_data, cache_dir=cache)
+    p001 = next(d for d in ct_dicom_datalist(shared_data) if d["series_id"] == "P001")
+    free = sorted(i for i, infected in p001["slice_labels"].items() if not infected)
+    assert [d["instance"] for d in items] == free[::2] and len(items) == 34
+    assert {d["series_id"] for d in items} == {"P001"}
+    assert all(Path(d["image"]).is_relative_to(cache) and Path(d["label"]).is_relative_to(cache) for d in items)
+
+    vol = read_dicom_series(Path(p001["image"]))
+    ys, xs = lung_bbox(lung_mask(vol.array, vol.spacing))
+    z = list(vol.instance_numbers).index(items[10]["instance"])
+    lo, hi = HU_WINDOW
+    expected = np.round(np.clip((vol.array[z][ys, xs].astype(np.float32) - lo) / (hi - lo), 0, 1) * 255)
+    image, mask = np.asarray(Image.open(items[10]["image"])), np.asarray(Image.open(items[10]["label"]))
+    assert image.shape == mask.shape == expected.shape and image.shape != vol.array.shape[1:]  # cropped
+    np.testing.assert_array_equal(image, expected.astype(np.uint8))
+    assert all(not np.asarray(Image.open(d["label"])).any() for d in items)  # empty masks
+
+    stamp = Path(items[0]["image"]).stat().st_mtime_ns  # written once, then reused
+    assert ct_lesion_negatives_datalist(shared_data, cache_dir=cache)[0] == items[0]
+    assert Path(items[0]["image"]).stat().st_mtime_ns == stamp
+
+
+def test_real_training_items_with_negatives(shared_data):
+    sup = training_items("supervised", shared_data, fold=0, repeats=4, negatives=True)
+    assert Counter(d["source"] for d in sup) == {"doctor": 160, "negative": 34}  # negatives once an epoch
+    assert {tuple(sorted(d)) for d in sup} == {("grey_map", "image", "label", "source")}
+    held = {d["image"] for d in validation_items("supervised", shared_data, fold=0)}
+    assert not held & {d["image"] for d in sup}
+    assert (
+        training_items("supervised", shared_data, fold=0, repeats=4)
+        == make_datalist("ct_lesion_slices", shared_data, fold=0, part="train") * 4
+    )  # off by default: the items are unchanged
+    mixed = training_items("mixed", shared_data, fold=0, negatives=True)
+    assert Counter(d["source"] for d in mixed) == {"doctor": 40, "negative": 34, "pseudo": 1311}
+    sampler = training_sampler("mixed", mixed, pseudo_share=1 / 3, repeats=4)
+    weights = sampler.weights.numpy()
+    neg = np.array([d["source"] == "negative" for d in mixed])
+    doc = np.array([d["source"] == "doctor" for d in mixed])
+    assert np.allclose(weights[neg], weights[doc][0])  # drawn like doctor slices
+    assert np.isclose(weights[~neg & ~doc].sum() / weights.sum(), 1 / 3)
+
+
+def test_negatives_real_run(shared_data, repo_root, tmp_path):
+    """One real epoch with doctor slices and HU negatives in the batches; the network trains on both."""
+    from ignite.engine import Events
+
+    wf = _workflow(
+        repo_root,
+        "covid_ct_lesion_asegnet",
+        tmp_path,
+        dataset_dir=str(shared_data),
+        stage="supervised",
+        fold=0,
+        negatives=True,
+        train_datalist="$(lambda x: x[:4] + x[-4:])(semi_supervised.training_items(@stage, @dataset_dir, @fold, "
+        "@n_folds, @epoch_repeats, @pseudo_rewindow, @negatives))",
+    )
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    before = {k: v.clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()}
+    sources, losses = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: sources.extend(d["source"] for d in e.state.batch))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+    wf.run()
+    assert Counter(sources) == {"doctor": 4, "negative": 4} and all(np.isfinite(losses))
+    after = torch.load(tmp_path / "model_final.pt", weights_only=True)
+    assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after)
