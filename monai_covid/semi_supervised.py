@@ -22,7 +22,8 @@ Both CT lesion bundles read the stages from their ``train.json``::
     "train_datalist": "$semi_supervised.training_items(@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats)",
     "val_datalist": "$semi_supervised.validation_items(@stage, @dataset_dir, @fold, @n_folds)",
     "network": "$semi_supervised.from_pretrained(@network_def, @pretrain_ckpt).to(@device)",
-    "run": [..., "$semi_supervised.attach_checkpoints(@train#trainer, @ckpt_dir, @network, @optimizer, @lr_scheduler, @resume)", ...]
+    "run": [..., "$semi_supervised.attach_checkpoints(@train#trainer, @ckpt_dir, @network, @optimizer,
+                                                      @lr_scheduler, @resume)", ...]
 
 ``monai_covid.crossval --pretrain_epochs N`` runs stage 1 once per network and stage 2 per fold. The pseudo-labels
 were made by an Inf-Net trained on all 50 doctor slices, so the teacher saw every CV validation fold: the CV of a
@@ -82,7 +83,8 @@ def training_items(
     ``negatives=True`` (``"supervised"``, ``"finetune"`` and ``"mixed"``) adds lesion-free HU slices with empty masks
     (:func:`data_prep.datalists.ct_lesion_negatives_datalist`: every 2nd lesion-free slice of P001, lung-box
     cropped and windowed as at inference; ``source`` ``"negative"``), once each an epoch in the supervised stages
-    (34 against 4 x 40 doctor draws in a CV fold); in ``"mixed"`` they are drawn like doctor slices. Every item then has the keys of the mixed stage.
+    (34 against 4 x 40 doctor draws in a CV fold); in ``"mixed"`` they are drawn like doctor slices. Every item
+    then has the keys of the mixed stage.
     """
     from data_prep.datalists import ct_lesion_negatives_datalist, make_datalist
 
