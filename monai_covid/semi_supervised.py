@@ -72,6 +72,7 @@ def training_items(
     repeats: int = 1,
     rewindow: bool = False,
     negatives: bool = False,
+    negatives_every: int = 2,
 ) -> list[dict[str, Any]]:
     """Training items of ``stage``: the pre-training patients' pseudo-labelled slices (once each: 1,311 slices are
     enough draws an epoch; ``rewindow``: each volume's grey scale mapped onto the doctor slices') or the doctor
@@ -81,7 +82,8 @@ def training_items(
     both; :func:`training_sampler` draws them.
 
     ``negatives=True`` (``"supervised"``, ``"finetune"`` and ``"mixed"``) adds lesion-free HU slices with empty masks
-    (:func:`data_prep.datalists.ct_lesion_negatives_datalist`: every 2nd lesion-free slice of P001, lung-box
+    (:func:`data_prep.datalists.ct_lesion_negatives_datalist`: every ``negatives_every``-th lesion-free slice of P001
+    (2: 34 slices, 1: all 68), lung-box
     cropped and windowed as at inference; ``source`` ``"negative"``), once each an epoch in the supervised stages
     (34 against 4 x 40 doctor draws in a CV fold); in ``"mixed"`` they are drawn like doctor slices. Every item
     then has the keys of the mixed stage.
@@ -102,7 +104,11 @@ def training_items(
             "source": source,
         }
 
-    negative = [item(d, "negative") for d in ct_lesion_negatives_datalist(data_dir)] if negatives else []
+    negative = (
+        [item(d, "negative") for d in ct_lesion_negatives_datalist(data_dir, every=negatives_every)]
+        if negatives
+        else []
+    )
     if stage != "mixed":
         return [item(d, "doctor") for d in doctor] * int(repeats) + negative
     pseudo = make_datalist("ct_lesion_pseudo", data_dir, part="train" if fold is not None else "all", rewindow=rewindow)
