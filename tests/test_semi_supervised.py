@@ -366,6 +366,8 @@ def test_real_negatives_are_p001_lesion_free_slices_as_segment_volume_sees_them(
 def test_real_training_items_with_negatives(shared_data):
     sup = training_items("supervised", shared_data, fold=0, repeats=4, negatives=True)
     assert Counter(d["source"] for d in sup) == {"doctor": 160, "negative": 34}  # negatives once an epoch
+    every = training_items("supervised", shared_data, fold=None, repeats=4, negatives=True, negatives_every=1)
+    assert Counter(d["source"] for d in every) == {"doctor": 200, "negative": 68}  # all lesion-free P001 slices
     assert {tuple(sorted(d)) for d in sup} == {("grey_map", "image", "label", "source")}
     held = {d["image"] for d in validation_items("supervised", shared_data, fold=0)}
     assert not held & {d["image"] for d in sup}
