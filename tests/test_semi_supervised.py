@@ -305,31 +305,50 @@ def test_distributed_mixed_sampler_splits_the_draws_over_ranks_at_the_same_share
 
 
 @pytest.mark.parametrize("bundle_name", ["covid_ct_lesion_asegnet", "covid_ct_lesion_cosup_resunet"])
-def test_mixed_stage_real_run(shared_data, repo_root, tmp_path, bundle_name):
-    """One real epoch of the mixed stage: batches hold doctor and pseudo-labelled slices, and the network trains."""
-    from ignite.engine import Events
-
-    wf = _workflow(
+def _edge_items_workflow(repo_root, bundle_name, tmp_path, shared_data, item_args: str, **overrides):
+    """A bundle's train workflow on the first and last 4 of its training items (one epoch, seconds)."""
+    return _workflow(
         repo_root,
         bundle_name,
         tmp_path,
         dataset_dir=str(shared_data),
-        stage="mixed",
         fold=0,
+        train_datalist=f"$(lambda x: x[:4] + x[-4:])(semi_supervised.training_items({item_args}))",
+        **overrides,
+    )
+
+
+def _run_recording_sources(wf, tmp_path):
+    """Run ``wf``; the ``source`` of every item it trained on, the iteration losses, whether the weights changed."""
+    from ignite.engine import Events
+
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    before = {k: v.clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()}
+    sources, losses = [], []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: sources.extend(d["source"] for d in e.state.batch))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+    wf.run()
+    after = torch.load(tmp_path / "model_final.pt", weights_only=True)
+    return sources, losses, any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after)
+
+
+@pytest.mark.parametrize("bundle_name", ["covid_ct_lesion_asegnet", "covid_ct_lesion_cosup_resunet"])
+def test_mixed_stage_real_run(shared_data, repo_root, tmp_path, bundle_name):
+    """One real epoch of the mixed stage: batches hold doctor and pseudo-labelled slices, and the network trains."""
+    wf = _edge_items_workflow(
+        repo_root,
+        bundle_name,
+        tmp_path,
+        shared_data,
+        "@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats, @pseudo_rewindow",
+        stage="mixed",
         pseudo_rewindow=True,
-        train_datalist="$(lambda x: x[:4] + x[-4:])(semi_supervised.training_items(@stage, @dataset_dir, @fold, "
-        "@n_folds, @epoch_repeats, @pseudo_rewindow))",
     )
     loader = wf.parser.get_parsed_content("train#dataloader")
     assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler) and len(loader.sampler) == 24
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    before = {k: v.clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()}
-    sources = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: sources.extend(d["source"] for d in e.state.batch))
-    wf.run()
+    sources, losses, trained = _run_recording_sources(wf, tmp_path)
     assert len(sources) == 24 and set(sources) == {"doctor", "pseudo"}
-    after = torch.load(tmp_path / "model_final.pt", weights_only=True)
-    assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after)
+    assert all(np.isfinite(losses)) and trained
 
 
 def test_real_negatives_are_p001_lesion_free_slices_as_segment_volume_sees_them(shared_data, tmp_path):
@@ -387,25 +406,14 @@ def test_real_training_items_with_negatives(shared_data):
 
 def test_negatives_real_run(shared_data, repo_root, tmp_path):
     """One real epoch with doctor slices and HU negatives in the batches; the network trains on both."""
-    from ignite.engine import Events
-
-    wf = _workflow(
+    wf = _edge_items_workflow(
         repo_root,
         "covid_ct_lesion_asegnet",
         tmp_path,
-        dataset_dir=str(shared_data),
+        shared_data,
+        "@stage, @dataset_dir, @fold, @n_folds, @epoch_repeats, @pseudo_rewindow, @negatives",
         stage="supervised",
-        fold=0,
         negatives=True,
-        train_datalist="$(lambda x: x[:4] + x[-4:])(semi_supervised.training_items(@stage, @dataset_dir, @fold, "
-        "@n_folds, @epoch_repeats, @pseudo_rewindow, @negatives))",
     )
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    before = {k: v.clone() for k, v in wf.parser.get_parsed_content("network").state_dict().items()}
-    sources, losses = [], []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: sources.extend(d["source"] for d in e.state.batch))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
-    wf.run()
-    assert Counter(sources) == {"doctor": 4, "negative": 4} and all(np.isfinite(losses))
-    after = torch.load(tmp_path / "model_final.pt", weights_only=True)
-    assert any(not torch.equal(after[k], before[k].to(after[k].dtype)) for k in after)
+    sources, losses, trained = _run_recording_sources(wf, tmp_path)
+    assert Counter(sources) == {"doctor": 4, "negative": 4} and all(np.isfinite(losses)) and trained
