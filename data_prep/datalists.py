@@ -317,12 +317,24 @@ def ct_dicom_datalist(data_dir: str | os.PathLike) -> list[dict[str, Any]]:
 CT_DISPLAY_WINDOW = (-1350.0, 150.0)
 
 
-def _render_series(series_dir: Path, out_dir: Path, window: tuple[float, float]) -> dict[int, Path]:
-    """Every slice of one DICOM series as an 8-bit PNG ``out_dir/<instance>.png`` (HU clipped to ``window``); files
-    already there are reused, new ones written atomically (temporary name, then rename). ``{instance number: png}``."""
+def _hu_to_png(hu: Any, window: tuple[float, float] | None, path: Path) -> None:
+    """``hu`` clipped to ``window`` and scaled to 8 bits (``data_prep.intensity.HUWindow``, the scale that
+    ``segment_volume`` feeds the network) and written to ``path`` atomically (temporary name, then rename).
+    ``window=None`` writes ``hu`` as it is (an 8-bit array, e.g. an empty mask)."""
     import numpy as np
     from PIL import Image
 
+    from data_prep.intensity import HUWindow
+
+    arr = np.asarray(hu) if window is None else np.round(HUWindow(*window)(np.asarray(hu, np.float32)) * 255.0)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    Image.fromarray(arr.astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+def _render_series(series_dir: Path, out_dir: Path, window: tuple[float, float]) -> dict[int, Path]:
+    """Every slice of one DICOM series as an 8-bit PNG ``out_dir/<instance>.png`` (HU clipped to ``window``); files
+    already there are reused, new ones written atomically (temporary name, then rename). ``{instance number: png}``."""
     from data_prep.io import read_dicom_series
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,11 +346,8 @@ def _render_series(series_dir: Path, out_dir: Path, window: tuple[float, float])
     vol = read_dicom_series(series_dir)
     lo, hi = window
     for z, inst in enumerate(vol.instance_numbers):
-        img = np.clip((np.asarray(vol.array[z], np.float32) - lo) / (hi - lo), 0.0, 1.0)
         path = out_dir / f"{int(inst)}.png"
-        tmp = out_dir / f".{int(inst)}.{os.getpid()}.png"
-        Image.fromarray(np.round(img * 255.0).astype(np.uint8)).save(tmp)
-        os.replace(tmp, path)
+        _hu_to_png(vol.array[z], (lo, hi), path)
         out[int(inst)] = path
     return out
 
@@ -408,7 +417,6 @@ def ct_lesion_negatives_datalist(
     import tempfile
 
     import numpy as np
-    from PIL import Image
 
     from data_prep.io import read_dicom_series
     from data_prep.lung import lung_mask
@@ -434,12 +442,9 @@ def ct_lesion_negatives_datalist(
             ys, xs = box if box is not None else (slice(None), slice(None))
             index = {int(inst): z for z, inst in enumerate(vol.instance_numbers)}
             for inst, (img_path, msk_path) in paths.items():
-                hu = np.asarray(vol.array[index[inst]][ys, xs], np.float32)
-                grey = np.round(np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
-                for arr, path in ((grey, img_path), (np.zeros_like(grey), msk_path)):
-                    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-                    Image.fromarray(arr).save(tmp)
-                    os.replace(tmp, path)
+                hu = vol.array[index[inst]][ys, xs]
+                _hu_to_png(hu, (lo, hi), img_path)
+                _hu_to_png(np.zeros(hu.shape, np.uint8), None, msk_path)
         for inst, (img_path, msk_path) in paths.items():
             items.append(
                 {"image": str(img_path), "label": str(msk_path), "series_id": d["series_id"], "instance": inst}

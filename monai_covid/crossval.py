@@ -73,7 +73,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "asegnet": {},
         "segnet": {"network_def#attention": False},
         "asegnet_wide": {"network_def#channels": [16, 32, 64, 128, 256]},
-        "asegnet_instnorm": {"network_def#norm": "instance"},
+        "asegnet_instnorm": {"network_def#norm": "instance"},  # the shipped default since 0.4.0
+        "asegnet_batchnorm": {"network_def#norm": "batch", "negatives": False},  # the 0.3.0 recipe
         "unet": _STOCK_UNET,
         "basic_unet": _STOCK_BASIC_UNET,
         "attention_unet": {
@@ -105,6 +106,7 @@ LABELS = {
     "segnet": "SegNet + focal Tversky",
     "asegnet_wide": "A-SegNet 2x width (16-256) + focal Tversky",
     "asegnet_instnorm": "A-SegNet, instance norm instead of batch norm + focal Tversky",
+    "asegnet_batchnorm": "A-SegNet, batch norm, no negatives (0.3.0 recipe) + focal Tversky",
     "attention_unet": "MONAI AttentionUnet + focal Tversky",
     "unet": "MONAI UNet (16-256, 2 res units), the bundle's loss",  # the floor row of both lesion bundles
     "basic_unet": "MONAI BasicUNet (default features), the bundle's loss",
