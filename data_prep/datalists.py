@@ -344,10 +344,9 @@ def _render_series(series_dir: Path, out_dir: Path, window: tuple[float, float])
     if len(done) >= n_expected > 0:
         return done
     vol = read_dicom_series(series_dir)
-    lo, hi = window
     for z, inst in enumerate(vol.instance_numbers):
         path = out_dir / f"{int(inst)}.png"
-        _hu_to_png(vol.array[z], (lo, hi), path)
+        _hu_to_png(vol.array[z], window, path)
         out[int(inst)] = path
     return out
 
