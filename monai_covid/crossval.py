@@ -95,6 +95,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "cosup_no_aux": {"network_def#aux": False},
         "cosup_no_fusion": {"network_def#fusion": False},
         "cosup_instnorm": {"network_def#norm": "instance"},
+        "cosup_wide": {"network_def#channels": [16, 32, 64, 128, 256]},  # the stock UNet's width
         "unet": _STOCK_UNET,  # trained with this bundle's train.json (CoSupervisionLoss: segmentation term only)
         "basic_unet": _STOCK_BASIC_UNET,
     },
@@ -114,6 +115,7 @@ LABELS = {
     "cosup": "Co-supervision ResUnet (ESM + ASSM + AFM)",
     "resunet": "ResUnet baseline",
     "cosup_instnorm": "Co-supervision ResUnet, instance norm instead of batch norm",
+    "cosup_wide": "Co-supervision ResUnet, 2x width (16-256, the stock UNet's)",
     "cosup_no_edge": "without ESM (edge)",
     "cosup_no_aux": "without ASSM (auxiliary)",
     "cosup_no_fusion": "without AFM (attention fusion)",
