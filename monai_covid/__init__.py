@@ -4,4 +4,4 @@ from __future__ import annotations
 
 # The one place of the package version: setup.cfg reads it (version = attr:), every bundle's metadata.json pins it
 # (required_packages_version["monai-covid"]) and tests/test_model_zoo_checks.py checks that they agree.
-__version__ = "0.1.0"
+__version__ = "0.2.0"

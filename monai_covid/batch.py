@@ -140,7 +140,10 @@ class ModelSet:
     def segment_lesions(self, hu: np.ndarray, lung: np.ndarray) -> np.ndarray:
         from monai_covid.inference.lesion import segment_volume
 
-        return segment_volume(self.net(self.lesion_name), hu, lung, device=self.device, batch_size=self.batch_size)
+        threshold = float(self.config(self.lesion_name, "threshold", 0.5))  # the bundle's lesion probability cut
+        return segment_volume(
+            self.net(self.lesion_name), hu, lung, device=self.device, batch_size=self.batch_size, threshold=threshold
+        )
 
     def detect_covid(self, hu: np.ndarray, lung: np.ndarray) -> tuple[float, np.ndarray]:
         from monai_covid.volume_detector import predict_volume

@@ -45,7 +45,11 @@ __all__ = [
     "bundle_variants",
     "train_one",
     "load_run",
+    "fold_probabilities",
     "score_network",
+    "THRESHOLD_GRID",
+    "mean_dice_by_threshold",
+    "crossfit_thresholds",
     "score_fold",
     "per_image_scores",
     "summarise",
@@ -120,6 +124,7 @@ LABELS = {
     "cosup_no_aux": "without ASSM (auxiliary)",
     "cosup_no_fusion": "without AFM (attention fusion)",
 }
+LABELS.update({f"{k}_thr": f"{label}, cross-fitted threshold" for k, label in list(LABELS.items())})
 
 
 def bundle_variants(bundle: Path) -> dict[str, dict[str, Any]]:
@@ -243,25 +248,67 @@ def load_run(bundle: Path, run_dir: Path, overrides: dict[str, Any], checkpoint:
     return net.eval()
 
 
-def score_network(
-    net, data_dir: str, fold: int, n_folds: int, tta: bool = False, threshold: float = 0.5
-) -> list[dict[str, Any]]:
-    """Per-image scores of ``net`` on the fold's held-out slices at their original size, through the inference
-    path (``segment_slices``; ``tta``: left-right flip test-time augmentation; ``threshold`` on the lesion
-    probability)."""
+def fold_probabilities(
+    net, data_dir: str, fold: int, n_folds: int, tta: bool = False
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Names, lesion probability maps (at original size, through the inference path ``slice_probabilities``) and
+    boolean doctor masks of the fold's held-out slices."""
     from PIL import Image
 
     from data_prep.datalists import make_datalist
-    from monai_covid.inference.lesion import segment_slices
+    from monai_covid.inference.lesion import slice_probabilities
 
     items = make_datalist("ct_lesion_slices", data_dir, fold=fold, n_folds=n_folds, part="val")
     images = [np.asarray(Image.open(i["image"]).convert("L"), dtype=np.float32) / 255.0 for i in items]
     labels = [np.asarray(Image.open(i["label"]).convert("L")) > 127 for i in items]
-    preds = segment_slices(net, images, tta=tta, threshold=threshold)
-    return [
-        {"fold": fold, "image": Path(i["image"]).name, **per_image_scores(p, g)}
-        for i, p, g in zip(items, preds, labels)
-    ]
+    return [Path(i["image"]).name for i in items], slice_probabilities(net, images, tta=tta), labels
+
+
+def score_network(
+    net, data_dir: str, fold: int, n_folds: int, tta: bool = False, threshold: float = 0.5
+) -> list[dict[str, Any]]:
+    """Per-image scores of ``net`` on the fold's held-out slices at their original size, through the inference
+    path (``tta``: left-right flip test-time augmentation; ``threshold`` on the lesion probability)."""
+    names, probs, labels = fold_probabilities(net, data_dir, fold, n_folds, tta=tta)
+    return [{"fold": fold, "image": n, **per_image_scores(p > threshold, g)} for n, p, g in zip(names, probs, labels)]
+
+
+#: thresholds on the lesion probability tried by the cross-fitting (``crossfit_thresholds``)
+THRESHOLD_GRID = tuple(round(0.30 + 0.05 * i, 2) for i in range(11))
+
+
+def mean_dice_by_threshold(
+    probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], grid: Sequence[float] = THRESHOLD_GRID
+) -> np.ndarray:
+    """Mean per-image Dice of ``probs > t`` against ``labels`` for every ``t`` of ``grid``."""
+    return np.array([np.mean([per_image_scores(p > t, g)["dice"] for p, g in zip(probs, labels)]) for t in grid])
+
+
+def _best_threshold(dice: np.ndarray, grid: Sequence[float]) -> float:
+    """The grid value of the highest mean Dice; among equal values (to 1e-9) the one nearest 0.5."""
+    top = np.flatnonzero(dice >= dice.max() - 1e-9)
+    return float(min((grid[i] for i in top), key=lambda t: (abs(t - 0.5), t)))
+
+
+def crossfit_thresholds(
+    folds: dict[int, tuple[Sequence[np.ndarray], Sequence[np.ndarray]]], grid: Sequence[float] = THRESHOLD_GRID
+) -> tuple[dict[int, float], float, dict[int, np.ndarray]]:
+    """Cross-fitted lesion thresholds. ``folds``: per fold, the out-of-fold probability maps and masks of its
+    held-out slices (each fold predicted by its own fold model). For fold k, ``t_k`` maximises the mean per-image
+    Dice over the slices of all *other* folds (so no label of fold k chooses it); the overall threshold maximises it
+    over every slice (the one a model trained on all slices would ship). Returns ``({k: t_k}, overall,
+    {k: mean Dice of fold k at every grid value})``."""
+    curves = {k: mean_dice_by_threshold(p, g, grid) for k, (p, g) in folds.items()}
+    sizes = {k: len(p) for k, (p, _) in folds.items()}
+    per_fold = {}
+    for k in folds:
+        others = [j for j in folds if j != k]
+        if not others:
+            raise ValueError("crossfit_thresholds needs at least two folds")
+        pooled = sum(curves[j] * sizes[j] for j in others) / sum(sizes[j] for j in others)
+        per_fold[k] = _best_threshold(pooled, grid)
+    overall = sum(curves[j] * sizes[j] for j in folds) / sum(sizes.values())
+    return per_fold, _best_threshold(overall, grid), curves
 
 
 def score_fold(
@@ -474,6 +521,43 @@ def _write_learning_curves(
     atomic_save_figure(fig, docs / "learning_curves.png")
 
 
+def _crossfit_rows(oof: dict[str, dict[int, tuple]], docs: Path, command: str) -> list[dict[str, Any]]:
+    """Per-image rows of every variant at its cross-fitted thresholds (variant ``<v>_thr``); writes
+    ``threshold_crossfit.md`` / ``.csv`` (per-fold thresholds, the overall one, mean Dice against the threshold)."""
+    from monai_covid.io_utils import atomic_write_csv, atomic_write_text
+
+    rows, curve_rows = [], []
+    lines = [
+        "Lesion threshold cross-fitted over the folds: for fold k, the value of the grid with the highest mean "
+        "per-image Dice on the held-out slices of the other folds (each predicted by its own fold model); "
+        "'overall' pools all folds (the threshold a model trained on all slices would ship).",
+        "",
+        "| model | " + " | ".join(f"t fold {k}" for k in sorted(next(iter(oof.values())))) + " | overall |",
+        "|---|" + "---|" * (len(next(iter(oof.values()))) + 1),
+    ]
+    for v, folds in oof.items():
+        if len(folds) < 2:
+            continue
+        per_fold, overall, curves = crossfit_thresholds({k: (p, g) for k, (_, p, g) in folds.items()})
+        for k, (names, probs, labels) in sorted(folds.items()):
+            rows += [
+                {"variant": f"{v}_thr", "fold": k, "image": n, **per_image_scores(p > per_fold[k], g)}
+                for n, p, g in zip(names, probs, labels)
+            ]
+            curve_rows += [
+                {"variant": v, "fold": k, "threshold": t, "mean_dice": round(float(d), 5)}
+                for t, d in zip(THRESHOLD_GRID, curves[k])
+            ]
+        lines.append(
+            f"| {LABELS.get(v, v)} | " + " | ".join(f"{per_fold[k]:.2f}" for k in sorted(folds)) + f" | {overall:.2f} |"
+        )
+    lines += ["", f"Grid: {', '.join(f'{t:.2f}' for t in THRESHOLD_GRID)}. Command: `{command}`", ""]
+    if curve_rows:
+        atomic_write_csv(docs / "threshold_crossfit.csv", curve_rows, list(curve_rows[0]))
+        atomic_write_text(docs / "threshold_crossfit.md", "\n".join(lines))
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_train":
@@ -494,6 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pretrain_set", nargs="*", default=[], metavar="KEY=JSON", help="overrides of the pre-training")
     p.add_argument("--checkpoint", choices=sorted(_CKPT_FILES), default="best", help="checkpoint of a run to score")
     p.add_argument("--resume", action="store_true", help="continue unfinished runs from their last epoch")
+    p.add_argument(
+        "--crossfit_threshold",
+        action="store_true",
+        help="also score each variant at a lesion threshold chosen on the other folds (rows '<variant>_thr')",
+    )
     a = p.parse_args(argv)
 
     bundle = a.bundle.resolve()
@@ -541,18 +630,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     _run_all(jobs, bundle, a.jobs)
 
     per_image, infos = [], {}
+    oof: dict[str, dict[int, tuple]] = {}  # variant -> fold -> (names, probability maps, masks), for --crossfit
     for (v, f), run_dir, ov, _ in jobs:
         if not (run_dir / "train_info.json").is_file():
             print(f"[cv] {v} fold {f}: no finished run, left out of the table", flush=True)
             continue
         infos[(v, f)] = json.loads((run_dir / "train_info.json").read_text())
-        rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, checkpoint=a.checkpoint)
-        per_image += [{"variant": v, **r} for r in rows]
+        names, probs, labels = fold_probabilities(load_run(bundle, run_dir, ov, a.checkpoint), a.data_dir, f, a.n_folds)
+        per_image += [
+            {"variant": v, "fold": f, "image": n, **per_image_scores(p > 0.5, g)}
+            for n, p, g in zip(names, probs, labels)
+        ]
+        if a.crossfit_threshold:
+            oof.setdefault(v, {})[f] = (names, probs, labels)
         if v in TTA_ROWS:  # same checkpoints, mirrored test-time augmentation (an inference option)
             rows = score_fold(bundle, run_dir, ov, a.data_dir, f, a.n_folds, tta=True, checkpoint=a.checkpoint)
             per_image += [{"variant": TTA_ROWS[v], **r} for r in rows]
+    command = "python -m monai_covid.crossval " + " ".join(str(x) for x in argv)
+    if oof:
+        per_image += _crossfit_rows(oof, docs, command)
     if per_image:
-        command = "python -m monai_covid.crossval " + " ".join(str(x) for x in argv)
         folds_rows, md = summarise(per_image, infos, command)
         fields = ["variant", "fold", "image", "dice", "sensitivity", "specificity"]
         atomic_write_csv(docs / "cv_per_image.csv", per_image, fields)

@@ -130,3 +130,47 @@ def test_learning_curves_from_real_log_lines(tmp_path):
     _write_learning_curves(tmp_path, ["unet"], [0, 1], tmp_path / "empty")
     rgb = np.asarray(Image.open(tmp_path / "empty" / "learning_curves.png").convert("RGB")).astype(int)
     assert (np.abs(rgb - [31, 119, 180]).sum(axis=-1) < 30).sum() == 0
+
+
+def _disc_case(prob_scale: float, radius: int = 6, size: int = 24):
+    """A disc lesion whose probability falls off linearly from the centre: ``prob_scale`` at the centre, so the
+    Dice-best threshold depends on how over- or under-confident the "model" is."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    label = r <= radius
+    prob = np.clip(prob_scale * (1.0 - r / (2.0 * radius)), 0.0, 1.0).astype(np.float32)
+    return prob, label
+
+
+def test_crossfit_threshold_never_uses_the_folds_own_labels():
+    """Folds 0-2 are over-confident (their best cut is high), fold 3 is under-confident (best cut low). Fold 3's
+    threshold comes from folds 0-2 only, so it is the high one; changing fold 3's labels cannot move it."""
+    from monai_covid.crossval import THRESHOLD_GRID, crossfit_thresholds, mean_dice_by_threshold
+
+    over = [_disc_case(1.6) for _ in range(3)]  # p = 0.8 at the lesion border: Dice-best cut near 0.8
+    under = [_disc_case(0.7) for _ in range(3)]  # p = 0.35 at the border
+    folds = {k: ([p for p, _ in over], [g for _, g in over]) for k in range(3)}
+    folds[3] = ([p for p, _ in under], [g for _, g in under])
+    per_fold, overall, curves = crossfit_thresholds(folds)
+    best_over = THRESHOLD_GRID[int(np.argmax(mean_dice_by_threshold(*folds[0])))]
+    best_under = THRESHOLD_GRID[int(np.argmax(mean_dice_by_threshold(*folds[3])))]
+    assert best_over > 0.6 and best_under < 0.4  # the two kinds of fold really want different cuts
+    assert per_fold[3] == best_over  # chosen on folds 0-2 alone
+    assert per_fold[0] == per_fold[1] == per_fold[2]
+    assert set(curves) == {0, 1, 2, 3} and all(len(c) == len(THRESHOLD_GRID) for c in curves.values())
+    assert overall in THRESHOLD_GRID
+    # fold 3's own labels do not enter its threshold
+    blank = {**folds, 3: (folds[3][0], [np.zeros_like(g) for g in folds[3][1]])}
+    assert crossfit_thresholds(blank)[0][3] == per_fold[3]
+
+
+def test_crossfit_threshold_ties_go_to_the_value_nearest_half():
+    from monai_covid.crossval import crossfit_thresholds
+
+    label = np.zeros((8, 8), bool)
+    label[2:6, 2:6] = True
+    prob = np.where(label, 0.95, 0.05).astype(np.float32)  # every grid value gives Dice 1
+    per_fold, overall, _ = crossfit_thresholds({0: ([prob], [label]), 1: ([prob], [label])})
+    assert per_fold == {0: 0.5, 1: 0.5} and overall == 0.5
+    with pytest.raises(ValueError):
+        crossfit_thresholds({0: ([prob], [label])})

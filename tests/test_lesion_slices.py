@@ -89,3 +89,48 @@ def test_pseudo_volumes_rewindowed_onto_the_doctor_grey_scale(shared_data) -> No
     before = np.abs(grey_percentiles([d["image"] for d in sample]) - ref).mean()
     assert after < before / 3 and after < 25, (before, after)
     assert "grey_map" not in make_datalist("ct_lesion_pseudo", shared_data, part="all")[0]  # off by default
+
+
+def test_bundle_threshold_reaches_infer_and_the_bundle_inferer(shared_data, tmp_path, monkeypatch):
+    """The lesion bundle's ``inference.json`` key ``threshold`` is the cut `monai-covid infer` (and MONAI Label,
+    through ``ModelSet``) and the bundle's ``LesionInferer`` apply: on real doctor slices (of one size) turned back into HU,
+    a copy of the bundle with threshold 0.99 marks fewer voxels than one with 0.3, and exactly the voxels of
+    ``segment_volume`` at that threshold."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    from data_prep.intensity import HUWindow
+    from monai_covid.batch import ModelSet
+    from monai_covid.inference.lesion import HU_WINDOW, LesionInferer, load_bundle_network, segment_volume
+
+    repo = Path(__file__).resolve().parents[1]
+    slices = [
+        np.asarray(Image.open(i["image"]).convert("L"), dtype=np.float32) / 255.0
+        for i in make_datalist("ct_lesion_slices", shared_data, fold=0, part="val")
+    ]
+    grey = np.stack([s for s in slices if s.shape == slices[0].shape][:3])  # slices of one size make a volume
+    lo, hi = HU_WINDOW
+    hu = grey * (hi - lo) + lo  # the inverse of the bundle's HU window
+    assert np.allclose(np.asarray(HUWindow(lo, hi)(torch.from_numpy(hu))), grey, atol=1e-5)
+    lung = np.ones(hu.shape, bool)
+    counts = {}
+    for thr in (0.3, 0.99):
+        root = tmp_path / str(thr)
+        dst = root / "covid_ct_lesion_asegnet"
+        shutil.copytree(repo / "bundles" / "covid_ct_lesion_asegnet", dst, ignore=shutil.ignore_patterns("docs"))
+        cfg = json.loads((dst / "configs" / "inference.json").read_text())
+        cfg["threshold"] = thr
+        (dst / "configs" / "inference.json").write_text(json.dumps(cfg))
+        monkeypatch.setenv("MONAI_COVID_BUNDLES", str(root))
+        mask = ModelSet(["asegnet"], device="cpu").segment_lesions(hu, lung)
+        net = load_bundle_network(dst, "cpu")
+        assert np.array_equal(mask, segment_volume(net, hu, lung, threshold=thr))
+        parser = ConfigParser()
+        parser.read_config(str(dst / "configs" / "inference.json"))
+        inferer = parser.get_parsed_content("inferer")
+        assert isinstance(inferer, LesionInferer) and inferer.threshold == thr
+        counts[thr] = int(mask.sum())
+    assert 0 < counts[0.99] < counts[0.3]

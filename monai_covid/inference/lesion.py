@@ -35,6 +35,7 @@ __all__ = [
     "HU_WINDOW",
     "TRAIN_SIZE",
     "load_bundle_network",
+    "slice_probabilities",
     "segment_slices",
     "segment_volume",
     "lung_bbox",
@@ -108,6 +109,37 @@ def _predict(
     return torch.cat(out)
 
 
+def slice_probabilities(
+    net: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    device: str | torch.device = "cpu",
+    image_size: Sequence[int] = TRAIN_SIZE,
+    batch_size: int = 8,
+    amp: bool = True,
+    tta: bool = False,
+) -> list[np.ndarray]:
+    """Lesion probability maps of 2D slices with intensities in [0, 1] (8-bit windowed slices divided by 255).
+
+    Each ``(H, W)`` slice is resized to ``image_size`` exactly as in training (bilinear, anti-aliased), segmented,
+    and its lesion probability resized back to ``(H, W)`` (bilinear). Returns float32 maps in [0, 1], one per input,
+    each the size of its input. ``tta``: average with the left-right mirrored slice.
+    """
+    device = torch.device(device)
+    resize = Resize(spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True)
+    maps: list[np.ndarray] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [np.asarray(im, dtype=np.float32) for im in images[start : start + batch_size]]
+        for im in chunk:
+            if im.ndim != 2:
+                raise ValueError(f"segment_slices expects (H, W) slices, got shape {im.shape}")
+        batch = torch.stack([torch.as_tensor(resize(torch.from_numpy(im)[None])).as_tensor() for im in chunk])
+        prob = _predict(net, batch, device, amp, batch_size, tta)
+        for im, p in zip(chunk, prob):
+            full = F.interpolate(p[None, None].float(), size=im.shape, mode="bilinear", align_corners=False)[0, 0]
+            maps.append(full.numpy().astype(np.float32))
+    return maps
+
+
 def segment_slices(
     net: torch.nn.Module,
     images: Sequence[np.ndarray],
@@ -118,26 +150,12 @@ def segment_slices(
     threshold: float = 0.5,
     tta: bool = False,
 ) -> list[np.ndarray]:
-    """Lesion masks of 2D slices with intensities in [0, 1] (8-bit windowed slices divided by 255).
-
-    Each ``(H, W)`` slice is resized to ``image_size`` exactly as in training (bilinear, anti-aliased), segmented,
-    and its lesion probability resized back to ``(H, W)`` and thresholded. Returns uint8 masks (0/1), one per input,
-    each the size of its input. ``tta``: average with the left-right mirrored slice.
+    """Lesion masks of 2D slices with intensities in [0, 1] (8-bit windowed slices divided by 255): the maps of
+    :func:`slice_probabilities` above ``threshold``. Returns uint8 masks (0/1), one per input, each the size of its
+    input. ``tta``: average with the left-right mirrored slice.
     """
-    device = torch.device(device)
-    resize = Resize(spatial_size=tuple(image_size), mode="bilinear", anti_aliasing=True)
-    masks: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        chunk = [np.asarray(im, dtype=np.float32) for im in images[start : start + batch_size]]
-        for im in chunk:
-            if im.ndim != 2:
-                raise ValueError(f"segment_slices expects (H, W) slices, got shape {im.shape}")
-        batch = torch.stack([torch.as_tensor(resize(torch.from_numpy(im)[None])).as_tensor() for im in chunk])
-        prob = _predict(net, batch, device, amp, batch_size, tta)
-        for im, p in zip(chunk, prob):
-            full = F.interpolate(p[None, None], size=im.shape, mode="bilinear", align_corners=False)[0, 0]
-            masks.append((full > threshold).numpy().astype(np.uint8))
-    return masks
+    maps = slice_probabilities(net, images, device, image_size, batch_size, amp, tta)
+    return [(m > threshold).astype(np.uint8) for m in maps]
 
 
 def lung_bbox(lung: np.ndarray, margin: float = 0.05) -> tuple[slice, slice] | None:
@@ -291,7 +309,8 @@ def prepare_case(batchdata: dict[str, Any], device: Any = None, non_blocking: bo
 
 class LesionInferer(Inferer):
     """Inferer for a case dict from :func:`load_case`: :func:`segment_slices` for a slice, :func:`segment_volume`
-    for a volume. Returns the uint8 (0/1) mask as a numpy array of the input's shape."""
+    for a volume, lesion where the probability is above ``threshold`` (the bundle's ``inference.json`` key
+    ``threshold``). Returns the uint8 (0/1) mask as a numpy array of the input's shape."""
 
     def __init__(
         self,
@@ -302,9 +321,11 @@ class LesionInferer(Inferer):
         amp: bool = True,
         chunk_slices: int = 32,
         tta: bool = False,
+        threshold: float = 0.5,
     ) -> None:
         super().__init__()
         self.tta = tta
+        self.threshold = float(threshold)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.image_size = tuple(image_size) if image_size is not None else None
@@ -317,7 +338,14 @@ class LesionInferer(Inferer):
         if inputs["kind"] == "image":
             size = self.image_size or TRAIN_SIZE
             return segment_slices(
-                network, [inputs["image"]], self.device, size, self.batch_size, self.amp, tta=self.tta
+                network,
+                [inputs["image"]],
+                self.device,
+                size,
+                self.batch_size,
+                self.amp,
+                threshold=self.threshold,
+                tta=self.tta,
             )[0]
         vol = inputs["volume"]
         return segment_volume(
@@ -330,6 +358,7 @@ class LesionInferer(Inferer):
             hu_window=self.hu_window,
             amp=self.amp,
             chunk_slices=self.chunk_slices,
+            threshold=self.threshold,
             tta=self.tta,
         )
 

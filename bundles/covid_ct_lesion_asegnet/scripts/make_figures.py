@@ -72,6 +72,8 @@ def main() -> int:
     torch.set_num_threads(1)
     bundle = a.bundle.resolve()
     docs = bundle / "docs"
+    # the bundle's lesion probability cut (inference.json "threshold"), as monai-covid infer applies it
+    thr = float(json.loads((bundle / "configs" / "inference.json").read_text()).get("threshold", 0.5))
 
     # (a) held-out slice, model of the fold that did not see it
     val = make_datalist("ct_lesion_slices", a.data_dir, fold=a.fold, part="val")
@@ -82,7 +84,7 @@ def main() -> int:
     fold_net.eval()
     img = np.asarray(Image.open(item["image"]).convert("L"), dtype=np.float32) / 255.0
     label = np.asarray(Image.open(item["label"]).convert("L")) > 127
-    pred = segment_slices(fold_net, [img])[0]
+    pred = segment_slices(fold_net, [img], threshold=thr)[0]
     dice = 2 * np.count_nonzero(pred & label) / max(1, np.count_nonzero(pred) + np.count_nonzero(label))
 
     # (b) real CT in HU, shipped model, whole volume (timed)
@@ -91,9 +93,9 @@ def main() -> int:
     t0 = time.perf_counter()
     lung = lung_mask(vol.array, vol.spacing)
     t_lung = time.perf_counter() - t0
-    segment_volume(net, vol.array[:4], lung[:4])  # warm-up
+    segment_volume(net, vol.array[:4], lung[:4], threshold=thr)  # warm-up
     t0 = time.perf_counter()
-    seg = segment_volume(net, vol.array, lung, batch_size=8)
+    seg = segment_volume(net, vol.array, lung, batch_size=8, threshold=thr)
     t_seg = time.perf_counter() - t0
     n, ny, nx = vol.array.shape
     timing = {
@@ -105,6 +107,7 @@ def main() -> int:
         "segment_volume_s": round(t_seg, 2),
         "ms_per_slice": round(1000 * t_seg / n, 1),
         "lesion_percent_of_lung": round(100 * float(seg.sum()) / max(1, int(lung.sum())), 2),
+        "threshold": thr,
         "note": "segment_volume: HU window, lung-box crop, resize to 256x256, network, resize back, lung masking",
     }
     atomic_write_text(docs / "timing.json", json.dumps(timing, indent=1) + "\n")
@@ -113,9 +116,11 @@ def main() -> int:
 
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.6), dpi=80)
     axes[0].imshow(_overlay(img, pred, label))
-    axes[0].set_title(f"held-out {a.image} (fold {a.fold} model)\nDice {dice:.2f}; red pred, green truth", fontsize=8)
+    title0 = f"held-out {a.image} (fold {a.fold} model, p > {thr:g})\nDice {dice:.2f}; red pred, green truth"
+    axes[0].set_title(title0, fontsize=8)
     axes[1].imshow(_overlay(ct01, seg[z]))
-    axes[1].set_title(f"P001 slice {z} (HU window {HU_WINDOW[0]:.0f}..{HU_WINDOW[1]:.0f})\nshipped model", fontsize=8)
+    title1 = f"P001 slice {z} (HU window {HU_WINDOW[0]:.0f}..{HU_WINDOW[1]:.0f})\nshipped model, p > {thr:g}"
+    axes[1].set_title(title1, fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
