@@ -554,6 +554,7 @@ def process_ct_case(job: Job, models: ModelSet, out_dir: Path, write_seg: bool =
         lesion_ml = lung_volume_ml(lesion, vol.spacing)
         record["lesion_volume_ml"] = round(lesion_ml, 2)
         record["lesion_percent_of_lung"] = round(100.0 * lesion_ml / max(record["lung_volume_ml"], 1e-6), 3)
+        record["lesion_threshold"] = float(models.config(models.lesion_name, "threshold", 0.5))  # the cut applied
         if write_seg and vol.kind == "dicom":
             repairs: list[str] = []
             try:

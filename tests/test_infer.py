@@ -117,6 +117,9 @@ def test_dicom_case_outputs(batch):
     assert_valid_dicom(case / "lesion_seg.dcm")  # 0 dciodvfy errors: a PACS takes it
     result = json.loads((case / "result.json").read_text())
     assert result["complete"] and result["status"] == "ok" and result["source"] == "site A/P001 sample"
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "covid_ct_lesion_asegnet"
+    shipped = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert result["lesion_threshold"] == shipped["threshold"]  # the cut the bundle ships, recorded with the mask
 
 
 def test_nifti_geometry_preserved(batch):
