@@ -100,6 +100,30 @@ class ModelSet:
         self._nets: dict[str, Any] = {}
         self._configs: dict[str, Any] = {}
 
+    def signature(self) -> dict[str, str]:
+        """What made a case's results, per model: the bundle's version and a SHA-256 of its weights and inference
+        settings (``models/model.pt``, ``configs/inference.json``, ``models/detector.json`` when present). A rerun
+        reuses a finished case only when this matches, so new weights, another threshold or other ``--models`` are
+        never mixed with old results."""
+        if not hasattr(self, "_signature"):
+            import hashlib
+
+            sig = {}
+            for name in self.names:
+                b = self._bundle(name)
+                h = hashlib.sha256()
+                for rel in ("models/model.pt", "configs/inference.json", "models/detector.json"):
+                    f = b / rel
+                    if f.is_file():
+                        h.update(rel.encode() + b"\0" + f.read_bytes())
+                try:
+                    version = json.loads((b / "configs" / "metadata.json").read_text()).get("version", "?")
+                except (OSError, ValueError):
+                    version = "?"
+                sig[name] = f"{version}+{h.hexdigest()[:16]}"
+            self._signature = sig
+        return self._signature
+
     def has(self, role: str) -> bool:
         return any(BUNDLES[n][1] == role for n in self.names)
 
@@ -483,13 +507,17 @@ class Job:
     case_id: str
 
 
-def _load_result(out_dir: Path) -> dict[str, Any] | None:
+def _load_result(out_dir: Path, signature: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The finished result of a case, or None when it must be (re)computed: incomplete, of another format, made by
+    other models, weights or settings than ``signature`` (``ModelSet.signature``), or with an output missing."""
     path = out_dir / "result.json"
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not result.get("complete") or result.get("version") != RESULT_VERSION:
+        return None
+    if signature is not None and result.get("model_signature") != signature:
         return None
     if any(not (out_dir / f).is_file() for f in result.get("outputs", {}).values()):
         return None
@@ -688,6 +716,7 @@ def _run_job(job: Job, models: ModelSet, output: Path, args) -> dict[str, Any]:
             traceback.print_exc()
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["models"] = " ".join(models.names)
+    result["model_signature"] = models.signature()
     if result["status"] == "ok":
         result["complete"] = True
         atomic_write_json(out_dir / "result.json", result)  # written last: marks the case complete
@@ -847,7 +876,7 @@ def run_batch(args) -> int:
     try:
         for job in bar:
             bar.set_postfix_str(job.case_id[:30])
-            previous = None if args.overwrite else _load_result(output / job.case_id)
+            previous = None if args.overwrite else _load_result(output / job.case_id, models.signature())
             if previous is not None:
                 results.append(previous)
                 continue

@@ -148,6 +148,32 @@ def test_resume_skips_done_cases(batch):
     assert not list(batch["out"].rglob("*.part*"))  # no staging files left behind
 
 
+def test_resume_recomputes_cases_of_other_weights_or_settings(batch, tmp_path, monkeypatch):
+    """A finished case is reused only by a run with the same models, weights and inference settings: after a lesion
+    threshold change (a copy of the bundle) the rerun recomputes it and records the new cut and signature; a second
+    rerun with the same copy reuses it again."""
+    out = tmp_path / "out"
+    shutil.copytree(batch["out"], out)
+    done = out / "site_A_P001_sample" / "result.json"
+    old = json.loads(done.read_text())
+    assert set(old["model_signature"]) == {"asegnet"}
+    root = tmp_path / "bundles"
+    bundle = root / "covid_ct_lesion_asegnet"
+    repo_bundle = Path(__file__).resolve().parents[1] / "bundles" / "covid_ct_lesion_asegnet"
+    shutil.copytree(repo_bundle, bundle, ignore=shutil.ignore_patterns("docs"))
+    cfg = json.loads((bundle / "configs" / "inference.json").read_text())
+    cfg["threshold"] = 0.95
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("MONAI_COVID_BUNDLES", str(root))
+    assert main(["infer", str(batch["inp"]), str(out), "--quiet", "--models", "asegnet"]) == 1
+    new = json.loads(done.read_text())
+    assert new["lesion_threshold"] == 0.95 and new["model_signature"] != old["model_signature"]
+    assert float(new["lesion_volume_ml"]) <= float(old["lesion_volume_ml"])  # a higher cut marks no more lesion
+    mtime = done.stat().st_mtime_ns
+    assert main(["infer", str(batch["inp"]), str(out), "--quiet", "--models", "asegnet"]) == 1
+    assert done.stat().st_mtime_ns == mtime  # same models and settings: reused
+
+
 def test_usage_errors(batch, tmp_path):
     assert main(["infer", str(batch["inp"]), str(batch["inp"] / "out"), "--quiet"]) == 2
     assert not (batch["inp"] / "out").exists()
