@@ -131,7 +131,7 @@ def slice_probabilities(
         chunk = [np.asarray(im, dtype=np.float32) for im in images[start : start + batch_size]]
         for im in chunk:
             if im.ndim != 2:
-                raise ValueError(f"segment_slices expects (H, W) slices, got shape {im.shape}")
+                raise ValueError(f"slice_probabilities expects (H, W) slices, got shape {im.shape}")
         batch = torch.stack([torch.as_tensor(resize(torch.from_numpy(im)[None])).as_tensor() for im in chunk])
         prob = _predict(net, batch, device, amp, batch_size, tta)
         for im, p in zip(chunk, prob):
